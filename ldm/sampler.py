@@ -1,0 +1,128 @@
+"""DDIM sampling over a denoise function, with classifier-free guidance as a wrapper.
+
+Re-implements the deterministic/stochastic DDIM loop of ldm's ``DDIMSampler`` (Song et al. 2021, uniform
+discretisation, ε-parameterisation) and its classifier-free guidance (Ho & Salimans 2022), but in the k-diffusion
+style: the sampler only knows a function ``(x_t, t_batch, cond) -> eps``. Guidance, ControlNet conditioning, the
+Siamese mask branch and test oracles are all just denoise functions, so one sampler serves them all.
+
+Conditioning objects are opaque to the sampler; for batched CFG they may be tensors, dicts of tensors, or lists of
+tensors (the ldm/ControlNet ``{"c_crossattn": [...], "c_concat": [...]}`` layout), concatenated along dim 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ldm.schedule import Schedule, ddim_alphas, ddim_step, ddim_timesteps
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+DenoiseFn = Callable[[Tensor, Tensor, Any], Tensor]
+"""``(x_t [B, …], t_batch LongTensor [B], cond) -> eps [B, …]``."""
+
+
+def cat_cond(a: Any, b: Any) -> Any:
+    """Concatenate two conditioning objects of the same structure along the batch dim (``a`` first).
+
+    Tensors are concatenated; dicts per key (same keys required); lists/tuples element-wise; ``None`` stays ``None``.
+    """
+    if a is None and b is None:
+        return None
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return torch.cat([a, b], dim=0)
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            raise ValueError(f"cat_cond: conditioning dicts have different keys: {sorted(a)} vs {sorted(b)}")
+        return {k: cat_cond(a[k], b[k]) for k in a}
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            raise ValueError(f"cat_cond: conditioning lists have different lengths: {len(a)} vs {len(b)}")
+        return type(a)(cat_cond(x, y) for x, y in zip(a, b))
+    raise ValueError(f"cat_cond: cannot concatenate conditioning of types {type(a).__name__} and {type(b).__name__}")
+
+
+def cfg_denoiser(fn: DenoiseFn, uncond: Any, scale: float, batched: bool = True) -> DenoiseFn:
+    """Classifier-free guidance: ``eps = eps(x, uncond) + scale · (eps(x, cond) − eps(x, uncond))``.
+
+    ``batched=True`` runs both branches in one call on a doubled batch (uncond first, as ldm); ``batched=False``
+    makes two calls (half the peak memory). ``scale == 1`` is the conditional prediction alone: no uncond pass.
+    """
+    if scale == 1.0:
+
+        def denoise_cond(x: Tensor, t: Tensor, cond: Any) -> Tensor:
+            return fn(x, t, cond)
+
+        return denoise_cond
+    if uncond is None:
+        raise ValueError(f"cfg_denoiser: guidance scale {scale} needs an unconditional conditioning, got None")
+
+    def denoise_cfg(x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        if batched:
+            out = fn(torch.cat([x, x]), torch.cat([t, t]), cat_cond(uncond, cond))
+            eps_uncond, eps_cond = out.chunk(2)
+        else:
+            eps_uncond = fn(x, t, uncond)
+            eps_cond = fn(x, t, cond)
+        return eps_uncond + scale * (eps_cond - eps_uncond)
+
+    return denoise_cfg
+
+
+def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Standard normal noise; drawn in float32 on the generator's device (so a seed gives the same numbers
+    whatever the target dtype/device), then moved."""
+    draw_device = generator.device if generator is not None else device
+    z = torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=torch.float32)
+    return z.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def ddim_sample(
+    denoise: DenoiseFn,
+    shape: Sequence[int],
+    cond: Any,
+    schedule: Schedule,
+    steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    x_T: Tensor | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    callback: Callable[[int, int, Tensor], None] | None = None,
+) -> Tensor:
+    """DDIM from ``x_T`` (or fresh noise of ``shape``) down the uniform DDIM timesteps, high to low.
+
+    ``device`` defaults to ``x_T``'s device, else CPU. Noise (``x_T`` and, for ``eta > 0``, the per-step noise) comes
+    from ``generator`` (global RNG if None). ``callback(i, t, x)`` gets the step index, timestep and the new latent.
+    Runs under ``no_grad``.
+    """
+    if device is None:
+        device = x_T.device if x_T is not None else torch.device("cpu")
+    device = torch.device(device)
+    shape = tuple(int(s) for s in shape)
+    if x_T is None:
+        x = _randn(shape, generator, device, dtype)
+    else:
+        if tuple(x_T.shape) != shape:
+            raise ValueError(f"ddim_sample: x_T has shape {tuple(x_T.shape)}, expected {shape}")
+        x = x_T.to(device=device, dtype=dtype)
+
+    t_steps = ddim_timesteps(steps, schedule.num_timesteps)
+    a_t, a_prev = ddim_alphas(schedule.alphas_cumprod.cpu(), t_steps)
+    order = list(reversed(range(t_steps.numel())))
+    for i, k in enumerate(tqdm(order, desc="DDIM", disable=not progress)):
+        t = int(t_steps[k])
+        t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
+        eps = denoise(x, t_batch, cond)
+        noise = _randn(shape, generator, device, dtype) if eta > 0 else None
+        x = ddim_step(x, eps, float(a_t[k]), float(a_prev[k]), eta, noise)
+        if callback is not None:
+            callback(i, t, x)
+    return x

@@ -1,0 +1,246 @@
+"""Experiment configuration: one typed schema for the YAML files in ``configs/``, validated before anything is built.
+
+The schema is made of the same frozen dataclasses the code is built from (``UNetConfig``, ``ControlConfig``,
+``TextEncoderConfig``, ``LossWeights``), so YAML keys *are* constructor arguments: the ``unet`` / ``control`` /
+``first_stage`` sections keep the parameter names of the original ``cldm_v15.yaml``, and the ControlNet geometry is
+derived from the ``unet`` section. OmegaConf merges a YAML file and ``key=value`` overrides onto the schema, so
+unknown keys and wrong types fail with the offending key named, before any weights load. ``check`` then validates
+relations between sections. ``siamese.factory`` is the one place where this becomes objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ldm.schedule import BETA_KINDS
+from ldm.text_encoder import TextEncoderConfig
+from ldm.unet import UNetConfig
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cldm.controlnet import ControlConfig
+from cldm.hint import HINT_DOWNSAMPLE
+from siamese.losses import LossWeights
+from siamese.schedules import SiameseRecipe
+
+
+@dataclass(frozen=True)
+class DDConfig:
+    """``first_stage_config.params.ddconfig`` of cldm_v15.yaml (defaults: SD1.5)."""
+
+    double_z: bool = True
+    z_channels: int = 4
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class FirstStageConfig:
+    kind: str = "autoencoder_kl"  # autoencoder_kl | identity (pixel space)
+    embed_dim: int = 4
+    scale_factor: float = 0.18215
+    ddconfig: DDConfig = field(default_factory=DDConfig)
+
+    @property
+    def downsample(self) -> int:
+        return 1 if self.kind == "identity" else 2 ** (len(self.ddconfig.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    beta_schedule: str = "scaled_linear"
+    timesteps: int = 1000
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The training objective. ``siamese`` with weights (1, 0, 0, 0) is plain ControlNet training."""
+
+    name: str = "siamese"  # siamese | controlnet (= mask-only baseline; the extra weights must be 0)
+    sd_locked: bool = False
+    weights: LossWeights = field(default_factory=LossWeights)
+    mask_control_weight: float = 1.0
+    image_control_weight: float = 1.0
+    image_ramp: str = "linear"
+    aug_start: float = 1.0 / 3.0
+    aug_t_max: int = 200
+    aug_noise: str = "same"
+    prompt_dropout: float = 0.05
+
+    def recipe(self, total_steps: int) -> SiameseRecipe:
+        return SiameseRecipe(total_steps=total_steps, mask_control_weight=self.mask_control_weight,
+                             image_control_weight=self.image_control_weight, image_ramp=self.image_ramp,
+                             aug_start=self.aug_start, aug_t_max=self.aug_t_max, aug_noise=self.aug_noise)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str | None = None  # folder with prompt.json (or the JSONL file); null → built-in generated pairs
+    resolution: int = 384
+    prompt: str | None = None  # overrides every prompt when set; the generated data's prompt otherwise
+    synthetic_samples: int = 64
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    init_ckpt: str | None = None  # the checkpoint made by tool_add_control.py; null → random init (tests/demo)
+    output_dir: str = "runs/siamese"
+    seed: int = 42
+    lr: float = 1.0e-5
+    batch_size: int = 6
+    total_steps: int = 3000  # S of the method's ramp and gates, and the run length
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: int = -1  # -1: all visible devices
+    num_nodes: int = 1
+    strategy: str = "deepspeed_stage_2"  # deepspeed_stage_2 | ddp | auto
+    precision: str = "32"  # 32 | bf16-mixed | 16-mixed (GPU)
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # -1 keeps all
+    log_every: int = 10
+    image_log_every: int = 0  # 0 disables the image-logging callback
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    steps: int = 50
+    eta: float = 0.0
+    cfg_scale: float = 9.0
+    prompt: str = "A photo of a polyp."
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def latent_size(self) -> int:
+        return self.data.resolution // self.model.first_stage.downsample
+
+    @property
+    def hint_size(self) -> int:
+        """Hints are read at HINT_DOWNSAMPLE × the latent size (= the image size with an ×8 VAE)."""
+        return self.latent_size * HINT_DOWNSAMPLE
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line."""
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Schema defaults ← YAML file ← ``key=value`` overrides, validated. Raises ``ConfigError`` naming the culprit."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    where = str(path) if path is not None else "<defaults>"
+    try:
+        layers = [schema]
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: {reason}" + (f" (key: {key})" if key else "")) from None
+    except (ValueError, TypeError) as exc:  # __post_init__ validation of a section
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {exc}") from None
+    check(cfg, where)
+    return cfg
+
+
+def check(cfg: ExperimentConfig, where: str = "config") -> None:
+    """Relations between sections that no single dataclass can check."""
+    m, fs = cfg.model, cfg.model.first_stage
+
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{where}: {msg}")
+
+    if fs.kind not in ("autoencoder_kl", "identity"):
+        fail(f"model.first_stage.kind {fs.kind!r} is not one of ['autoencoder_kl', 'identity']")
+    latent_channels = fs.ddconfig.in_channels if fs.kind == "identity" else fs.embed_dim
+    if m.unet.in_channels != latent_channels or m.unet.out_channels != latent_channels:
+        fail(f"model.unet in/out_channels ({m.unet.in_channels}/{m.unet.out_channels}) must equal the first stage's "
+             f"latent channels ({latent_channels})")
+    if m.text_encoder.width != m.unet.context_dim:
+        fail(f"model.text_encoder.width {m.text_encoder.width} must equal model.unet.context_dim {m.unet.context_dim}")
+    if m.schedule.beta_schedule not in BETA_KINDS:
+        fail(f"model.schedule.beta_schedule {m.schedule.beta_schedule!r} is not one of {list(BETA_KINDS)}")
+    unet_factor = 2 ** (len(m.unet.channel_mult) - 1)
+    if cfg.data.resolution % (fs.downsample * unet_factor):
+        fail(f"data.resolution {cfg.data.resolution} must be a multiple of {fs.downsample * unet_factor} "
+             f"(first-stage factor {fs.downsample} × UNet downsampling {unet_factor})")
+    if cfg.method.name not in ("siamese", "controlnet"):
+        fail(f"method.name {cfg.method.name!r} is not one of ['siamese', 'controlnet']")
+    w = cfg.method.weights
+    if cfg.method.name == "controlnet" and (w.image or w.consistency or w.aug):
+        fail("method.name=controlnet trains the mask branch only: set method.weights.image/consistency/aug to 0")
+    if not 0.0 <= cfg.method.prompt_dropout <= 1.0:
+        fail(f"method.prompt_dropout must be in [0, 1], got {cfg.method.prompt_dropout}")
+    cfg.method.recipe(cfg.train.total_steps)  # validates ramp / noise / aug_start choices
+    if cfg.train.precision not in ("32", "bf16-mixed", "16-mixed", "bf16-true"):
+        fail(f"train.precision {cfg.train.precision!r} is not one of ['32', 'bf16-mixed', '16-mixed', 'bf16-true']")
+    for key in ("batch_size", "total_steps", "checkpoint_every", "log_every"):
+        if getattr(cfg.train, key) <= 0:
+            fail(f"train.{key} must be > 0, got {getattr(cfg.train, key)}")
+    if cfg.train.lr <= 0:
+        fail(f"train.lr must be > 0, got {cfg.train.lr}")
+    if cfg.data.root is None and cfg.data.synthetic_samples <= 0:
+        fail("data.synthetic_samples must be > 0 when data.root is null (generated data)")
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """Short stable hash of the resolved configuration (for manifests and run names)."""
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
+    """Write the resolved configuration as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(to_yaml(cfg), encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,74 @@
+"""The composition root: the one place where a validated ``ExperimentConfig`` becomes objects.
+
+Constructors elsewhere take typed arguments or built modules; only this module reads configuration sections.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ldm.autoencoder import AutoencoderKL, IdentityFirstStage
+from ldm.checkpoint import load_state_dict, load_strict
+from ldm.schedule import Schedule
+from ldm.text_encoder import FrozenCLIPTextEncoder
+from ldm.unet import UNetModel
+
+import torch
+from torch.utils.data import Dataset
+
+from cldm.controlnet import ControlNet
+from cldm.model import ControlLDM
+from siamese.config import ExperimentConfig, FirstStageConfig, ModelConfig
+from siamese.data import MaskImageDataset, SyntheticLesionDataset
+from siamese.model import SiameseDiffusion
+
+logger = logging.getLogger(__name__)
+
+
+def build_first_stage(cfg: FirstStageConfig) -> AutoencoderKL | IdentityFirstStage:
+    if cfg.kind == "identity":
+        return IdentityFirstStage(cfg.ddconfig.in_channels)
+    dd = cfg.ddconfig
+    return AutoencoderKL(embed_dim=cfg.embed_dim, z_channels=dd.z_channels, resolution=dd.resolution,
+                         in_channels=dd.in_channels, out_ch=dd.out_ch, ch=dd.ch, ch_mult=dd.ch_mult,
+                         num_res_blocks=dd.num_res_blocks, attn_resolutions=dd.attn_resolutions, dropout=dd.dropout,
+                         double_z=dd.double_z, scale_factor=cfg.scale_factor)
+
+
+def build_model(cfg: ModelConfig) -> ControlLDM:
+    """The full model with freshly initialised weights (load a checkpoint with ``load_weights``)."""
+    sch = cfg.schedule
+    return ControlLDM(unet=UNetModel(cfg.unet), control=ControlNet(cfg.unet, cfg.control),
+                      first_stage=build_first_stage(cfg.first_stage), text_encoder=FrozenCLIPTextEncoder(
+                          cfg.text_encoder),
+                      schedule=Schedule.from_config(sch.beta_schedule, sch.timesteps, sch.linear_start,
+                                                    sch.linear_end))
+
+
+def load_weights(model: ControlLDM, path: str | Path, *, unsafe_pickle: bool = False) -> None:
+    """Load a full checkpoint (original key names) strictly; ``model_ema.*``/``position_ids`` are ignored."""
+    state = load_state_dict(path, unsafe_pickle=unsafe_pickle)
+    report = load_strict(model, state)
+    logger.info("loaded %s (%d tensors)%s", path, len(state), "" if report.ok else f": {report.summary()}")
+
+
+def build_method(cfg: ExperimentConfig, model: ControlLDM) -> SiameseDiffusion:
+    return SiameseDiffusion(model.unet, model.control, model.schedule, cfg.method.weights,
+                            cfg.method.recipe(cfg.train.total_steps))
+
+
+def build_dataset(cfg: ExperimentConfig) -> Dataset:
+    """The training pairs: ``data.root`` in the original layout, or the built-in generated lesions."""
+    if cfg.data.root is None:
+        kwargs = {"prompt": cfg.data.prompt} if cfg.data.prompt else {}
+        return SyntheticLesionDataset(cfg.data.synthetic_samples, cfg.data.resolution, seed=cfg.train.seed,
+                                      hint_resolution=cfg.hint_size, **kwargs)
+    return MaskImageDataset(cfg.data.root, cfg.data.resolution, hint_resolution=cfg.hint_size,
+                            prompt_override=cfg.data.prompt)
+
+
+def meta_model(cfg: ModelConfig) -> ControlLDM:
+    """The model on the meta device: keys and shapes at any geometry without allocating weights."""
+    with torch.device("meta"):
+        return build_model(cfg)

@@ -1,0 +1,313 @@
+"""Tests of the data layer: prompt.json parsing, mask handling, the datasets and the synthetic data writer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from siamese.data import (
+    MaskImageDataset,
+    PairRecord,
+    SyntheticLesionDataset,
+    read_prompt_jsonl,
+    synthetic_pair,
+    write_synthetic_dataset,
+)
+from siamese.masks import MaskAugment, augment_mask, binarize_mask, mask_to_png, read_mask, resize_mask
+
+
+def _disk(size: int = 32, radius: int = 8, centre: tuple[int, int] = (12, 14)) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    cv2.circle(mask, centre, radius, 1, -1)
+    return mask
+
+
+def _write_pair(root: Path, stem: str, size: tuple[int, int] = (40, 60), seed: int = 0) -> tuple[Path, Path]:
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    image = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    mask = np.zeros(size, np.uint8)
+    mask[5:25, 10:40] = 255
+    mask[30, 50] = 100  # below the threshold: must end up background
+    cv2.imwrite(str(root / "images" / f"{stem}.jpg"), image)
+    cv2.imwrite(str(root / "masks" / f"{stem}.png"), mask)
+    return root / "masks" / f"{stem}.png", root / "images" / f"{stem}.jpg"
+
+
+# ---------------------------------------------------------------------------------------------------- JSONL
+
+
+def test_read_prompt_jsonl_relative_absolute_and_blank_lines(tmp_path: Path) -> None:
+    source_a, target_a = _write_pair(tmp_path, "a")
+    source_b, target_b = _write_pair(tmp_path, "b")
+    lines = [
+        json.dumps({"source": "masks/a.png", "target": "images/a.jpg", "prompt": "A photo of a polyp."}),
+        "",
+        json.dumps({"source": str(source_b.resolve()), "target": str(target_b.resolve()), "prompt": "lesion"}),
+    ]
+    (tmp_path / "prompt.json").write_text("\n".join(lines) + "\n")
+    records = read_prompt_jsonl(tmp_path / "prompt.json")
+    assert [r.prompt for r in records] == ["A photo of a polyp.", "lesion"]
+    assert records[0].source.resolve() == source_a.resolve() and records[0].target.resolve() == target_a.resolve()
+    assert records[1] == PairRecord(source_b.resolve(), target_b.resolve(), "lesion")
+
+
+def test_read_prompt_jsonl_cwd_fallback_for_original_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The released code stored paths relative to the working directory ("data/masks/x.png" next to data/prompt.json).
+    _write_pair(tmp_path / "data", "a")
+    line = {"source": "data/masks/a.png", "target": "data/images/a.jpg", "prompt": "p"}
+    (tmp_path / "data" / "prompt.json").write_text(json.dumps(line) + "\n")
+    monkeypatch.chdir(tmp_path)
+    (record,) = read_prompt_jsonl(tmp_path / "data" / "prompt.json")
+    assert record.source.resolve() == (tmp_path / "data/masks/a.png").resolve()
+
+
+@pytest.mark.parametrize(
+    ("second_line", "expected"),
+    [
+        ("{not json", r"prompt\.json:2: invalid JSON"),
+        ('{"source": "masks/a.png", "prompt": "p"}', r"prompt\.json:2: missing key\(s\) target"),
+        ('{"source": "masks/zz.png", "target": "images/a.jpg", "prompt": "p"}', r"prompt\.json:2: 'source' file not"),
+        ('{"source": "masks/a.png", "target": "images/a.jpg", "prompt": 3}', r"prompt\.json:2: key 'prompt' must be"),
+        ('["masks/a.png"]', r"prompt\.json:2: expected a JSON object"),
+    ],
+)
+def test_read_prompt_jsonl_errors_name_file_and_line(tmp_path: Path, second_line: str, expected: str) -> None:
+    _write_pair(tmp_path, "a")
+    good = json.dumps({"source": "masks/a.png", "target": "images/a.jpg", "prompt": "p"})
+    (tmp_path / "prompt.json").write_text(good + "\n" + second_line + "\n")
+    with pytest.raises((ValueError, FileNotFoundError), match=expected) as info:
+        read_prompt_jsonl(tmp_path / "prompt.json")
+    assert "\n" not in str(info.value)
+
+
+def test_read_prompt_jsonl_empty_missing_and_optional_target(tmp_path: Path) -> None:
+    (tmp_path / "prompt.json").write_text("\n\n")
+    with pytest.raises(ValueError, match="no records"):
+        read_prompt_jsonl(tmp_path / "prompt.json")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        read_prompt_jsonl(tmp_path / "nope.json")
+    _write_pair(tmp_path, "a")
+    (tmp_path / "prompt.json").write_text(json.dumps({"source": "masks/a.png", "prompt": "p"}) + "\n")
+    with pytest.raises(ValueError, match="missing key"):
+        read_prompt_jsonl(tmp_path / "prompt.json")
+    (record,) = read_prompt_jsonl(tmp_path / "prompt.json", require_target=False)
+    assert record.target is None and record.source.name == "a.png"
+
+
+# ---------------------------------------------------------------------------------------------------- masks
+
+
+def test_binarize_gray_bgr_16bit_and_bad_shapes() -> None:
+    gray = np.array([[0, 127, 128, 255]], np.uint8)
+    assert binarize_mask(gray).tolist() == [[0, 0, 1, 1]]
+    assert binarize_mask(gray, threshold=0).tolist() == [[0, 1, 1, 1]]
+    bgr = np.repeat(gray[..., None], 3, axis=2)
+    out = binarize_mask(bgr)
+    assert out.dtype == np.uint8 and out.shape == (1, 4) and out.tolist() == [[0, 0, 1, 1]]
+    assert binarize_mask(gray[..., None]).tolist() == [[0, 0, 1, 1]]
+    assert binarize_mask(np.dstack([bgr, np.full((1, 4), 255, np.uint8)])).tolist() == [[0, 0, 1, 1]]
+    # Luma convention of the original (PIL convert('L')): pure blue (BGR 255,0,0) has luma 29 -> background.
+    assert binarize_mask(np.array([[[255, 0, 0], [255, 255, 255]]], np.uint8)).tolist() == [[0, 1]]
+    wide = np.array([[0, 127 * 257, 128 * 257, 65535]], np.uint16)
+    assert binarize_mask(wide).tolist() == [[0, 0, 1, 1]]
+    assert binarize_mask(np.repeat(wide[..., None], 3, axis=2)).tolist() == [[0, 0, 1, 1]]
+    with pytest.raises(ValueError, match="shape"):
+        binarize_mask(np.zeros((2, 2, 2), np.uint8))
+    with pytest.raises(ValueError, match="shape"):
+        binarize_mask(np.zeros((4,), np.uint8))
+    with pytest.raises(ValueError, match="dtype"):
+        binarize_mask(np.zeros((2, 2), np.float32))
+
+
+def test_binarize_warns_on_label_masks(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="siamese.masks"):
+        assert not binarize_mask(np.array([[0, 1]], np.uint8)).any()
+    assert "threshold=0" in caplog.text
+
+
+def test_read_mask_files_and_errors(tmp_path: Path) -> None:
+    mask = _disk().astype(np.uint16) * np.uint16(65535)
+    cv2.imwrite(str(tmp_path / "m16.png"), mask)
+    cv2.imwrite(str(tmp_path / "m3.png"), np.repeat((_disk() * 255)[..., None], 3, axis=2))
+    for name in ("m16.png", "m3.png"):
+        out = read_mask(tmp_path / name)
+        assert out.dtype == np.uint8 and out.shape == (32, 32) and np.array_equal(out, _disk())
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        read_mask(tmp_path / "missing.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.png"):
+        read_mask(tmp_path / "broken.png")
+
+
+def test_mask_to_png_strict() -> None:
+    png = mask_to_png(_disk())
+    assert png.dtype == np.uint8 and png.ndim == 2 and set(np.unique(png).tolist()) == {0, 255}
+    assert np.array_equal(mask_to_png(_disk().astype(bool)), png)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        mask_to_png(_disk() * 255)  # would wrap around to 1 if multiplied blindly
+    with pytest.raises(ValueError, match="single-channel"):
+        mask_to_png(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_resize_mask_nearest_stays_binary() -> None:
+    mask = _disk(37, 9, (15, 20))
+    for size in (16, 64, (20, 50)):
+        out = resize_mask(mask, size)
+        assert set(np.unique(out).tolist()) == {0, 1}
+    assert resize_mask(mask, 64).shape == (64, 64) and resize_mask(mask, (20, 50)).shape == (20, 50)
+
+
+def test_augment_mask_changes_stays_binary_and_is_deterministic() -> None:
+    mask = _disk(64, 10, (20, 24))
+    outputs = [augment_mask(mask, np.random.default_rng(seed)) for seed in range(8)]
+    for out in outputs:
+        assert out.shape == mask.shape and out.dtype == np.uint8
+        assert set(np.unique(out).tolist()) <= {0, 1}
+    assert sum(not np.array_equal(out, mask) for out in outputs) >= 7
+    again = augment_mask(mask, np.random.default_rng(3))
+    assert np.array_equal(again, outputs[3])
+    assert MaskAugment().apply(mask, np.random.default_rng(3)).tolist() == outputs[3].tolist()
+
+
+def test_mask_augment_components() -> None:
+    mask = _disk(64, 10, (20, 24))
+    rng = np.random.default_rng(0)
+    assert np.array_equal(MaskAugment(1.0, 0.0, (1.0, 1.0), 0.0).apply(mask, rng), mask[:, ::-1])
+    assert np.array_equal(MaskAugment(0.0, 1.0, (1.0, 1.0), 0.0).apply(mask, rng), mask[::-1, :])
+    assert np.array_equal(MaskAugment(0.0, 0.0, (1.0, 1.0), 0.0).apply(mask, rng), mask)
+    grown = MaskAugment(0.0, 0.0, (1.5, 1.5), 0.0).apply(mask, rng)
+    assert 1.8 < grown.sum() / mask.sum() < 2.7  # area scales with scale**2 = 2.25
+    with pytest.raises(ValueError, match="scale_range"):
+        MaskAugment(scale_range=(1.2, 0.8))
+    with pytest.raises(ValueError, match="flip_p"):
+        MaskAugment(flip_p=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+
+
+def _check_item(item: dict, resolution: int, hint_resolution: int) -> None:
+    image, mask_hint, image_hint = item["image"], item["mask_hint"], item["image_hint"]
+    assert image.dtype == mask_hint.dtype == image_hint.dtype == torch.float32
+    assert image.shape == (3, resolution, resolution)
+    assert mask_hint.shape == image_hint.shape == (3, hint_resolution, hint_resolution)
+    assert image.min() >= -1.0 and image.max() <= 1.0
+    assert image_hint.min() >= 0.0 and image_hint.max() <= 1.0
+    assert set(torch.unique(mask_hint).tolist()) <= {0.0, 1.0}
+    assert torch.equal(mask_hint[0], mask_hint[1]) and torch.equal(mask_hint[0], mask_hint[2])
+    assert isinstance(item["prompt"], str) and isinstance(item["name"], str)
+
+
+def test_mask_image_dataset_outputs(tmp_path: Path) -> None:
+    source, target = _write_pair(tmp_path, "case1", size=(40, 60))
+    (tmp_path / "prompt.json").write_text(
+        json.dumps({"source": "masks/case1.png", "target": "images/case1.jpg", "prompt": "A photo of a polyp."}) + "\n"
+    )
+    item = MaskImageDataset(tmp_path, resolution=32)[0]
+    _check_item(item, 32, 32)
+    assert item["name"] == "case1" and item["prompt"] == "A photo of a polyp."
+    assert torch.equal(item["image_hint"], (item["image"] + 1) / 2)
+    # RGB order: compare with the file read by OpenCV (BGR) and resized the same way.
+    bgr = cv2.resize(cv2.imread(str(target)), (32, 32), interpolation=cv2.INTER_AREA)
+    expected = torch.from_numpy(bgr[:, :, ::-1].transpose(2, 0, 1).astype(np.float32)) / 127.5 - 1
+    assert torch.allclose(item["image"], expected, atol=1e-6)
+    # The mask: rows 5..24, cols 10..39 of a 40x60 mask, nearest-resized to 32x32 (the faint pixel is dropped).
+    expected_mask = cv2.resize((cv2.imread(str(source), 0) > 127).astype(np.uint8), (32, 32), interpolation=0)
+    assert np.array_equal(item["mask_hint"][0].numpy(), expected_mask)
+
+    enlarged = MaskImageDataset(tmp_path / "prompt.json", 96, hint_resolution=48, prompt_override="")[0]
+    _check_item(enlarged, 96, 48)
+    assert enlarged["prompt"] == ""
+
+
+def test_mask_image_dataset_rejects_misaligned_pair(tmp_path: Path) -> None:
+    _write_pair(tmp_path, "a", size=(40, 60))
+    cv2.imwrite(str(tmp_path / "masks" / "a.png"), np.zeros((40, 40), np.uint8))
+    (tmp_path / "prompt.json").write_text(json.dumps({"source": "masks/a.png", "target": "images/a.jpg", "prompt": ""}))
+    with pytest.raises(ValueError, match="aspect ratios differ"):
+        MaskImageDataset(tmp_path, 32)[0]
+
+
+def test_synthetic_dataset_deterministic_distinct_and_valid() -> None:
+    dataset = SyntheticLesionDataset(num_samples=6, resolution=64, seed=7)
+    again = SyntheticLesionDataset(num_samples=6, resolution=64, seed=7)
+    other_seed = SyntheticLesionDataset(num_samples=6, resolution=64, seed=8)
+    items = [dataset[i] for i in range(6)]
+    for index, item in enumerate(items):
+        _check_item(item, 64, 64)
+        assert torch.equal(item["image"], again[index]["image"])
+        assert torch.equal(item["mask_hint"], again[index]["mask_hint"])
+        assert not torch.equal(item["image"], other_seed[index]["image"])
+        assert torch.equal(item["image_hint"], (item["image"] + 1) / 2)
+        fraction = item["mask_hint"][0].mean().item()
+        assert 0.01 < fraction < 0.6, fraction
+        # The lesion is visible: its mean colour differs clearly from the surrounding tissue.
+        inside = item["image"][:, item["mask_hint"][0] > 0].mean(dim=1)
+        outside = item["image"][:, item["mask_hint"][0] == 0].mean(dim=1)
+        assert (inside - outside).abs().max() > 0.1
+    assert items[0]["name"] == "synthetic_000000" and items[0]["prompt"] == "A photo of a polyp."
+    for i in range(6):
+        for j in range(i + 1, 6):
+            assert not torch.equal(items[i]["mask_hint"], items[j]["mask_hint"])
+    assert torch.equal(dataset[-1]["image"], items[5]["image"])
+    with pytest.raises(IndexError):
+        dataset[6]
+    _check_item(SyntheticLesionDataset(2, 32, hint_resolution=64)[1], 32, 64)
+
+
+def test_synthetic_tiny_resolution_mask_not_empty_or_full() -> None:
+    for index in range(20):
+        _, mask = synthetic_pair(index, 4, seed=1)
+        assert 0 < mask.sum() < mask.size
+
+
+def test_synthetic_sample_is_fast() -> None:
+    dataset = SyntheticLesionDataset(num_samples=50, resolution=64)
+    dataset[0]
+    start = time.perf_counter()
+    for index in range(50):
+        dataset[index]
+    per_sample = (time.perf_counter() - start) / 50
+    assert per_sample < 0.01, f"{per_sample * 1e3:.2f} ms per 64x64 sample"  # target 2 ms; slack for loaded CI
+
+
+def test_write_synthetic_dataset_round_trip(tmp_path: Path) -> None:
+    prompt_file = write_synthetic_dataset(tmp_path / "toy", num_samples=3, resolution=32, seed=5)
+    assert prompt_file == tmp_path / "toy" / "prompt.json"
+    assert not list((tmp_path / "toy").glob("*.tmp"))
+    lines = prompt_file.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["source"] == "masks/synthetic_000000.png"
+    png = cv2.imread(str(tmp_path / "toy" / "masks" / "synthetic_000001.png"), cv2.IMREAD_UNCHANGED)
+    assert png.ndim == 2 and set(np.unique(png).tolist()) == {0, 255}
+
+    from_disk = MaskImageDataset(tmp_path / "toy", resolution=32)
+    generated = SyntheticLesionDataset(3, 32, seed=5)
+    assert len(from_disk) == 3
+    for index in range(3):
+        a, b = from_disk[index], generated[index]
+        for key in ("image", "mask_hint", "image_hint", "prompt", "name"):
+            assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key], key
+
+    with pytest.raises(FileExistsError, match="prompt.json"):
+        write_synthetic_dataset(tmp_path / "toy", 1, 32)
+    write_synthetic_dataset(tmp_path / "toy", 1, 32, overwrite=True)
+    assert len(read_prompt_jsonl(prompt_file)) == 1
+
+
+def test_default_collate_batches_dicts() -> None:
+    loader = DataLoader(SyntheticLesionDataset(5, 32, seed=2), batch_size=2, shuffle=False)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["mask_hint"].shape == (2, 3, 32, 32)
+    assert batch["image_hint"].shape == (2, 3, 32, 32)
+    assert batch["prompt"] == ["A photo of a polyp."] * 2 and batch["name"] == ["synthetic_000000", "synthetic_000001"]
+    assert len(list(loader)) == 3
