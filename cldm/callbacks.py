@@ -1,0 +1,106 @@
+"""Training callbacks: EMA of the trainable weights, and a rank-0 image logger (mask | image | sample).
+
+Both touch only the trainable set / a few fixed samples, write files atomically, and keep their own state in the
+Lightning checkpoint so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ldm.checkpoint import save_state_dict
+
+import cv2
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+class EMACallback(pl.Callback):
+    """Exponential moving average of the trainable parameters (fp32 shadow), exported at the end of training."""
+
+    def __init__(self, decay: float, export_path: str | Path):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"train.ema.decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.export_path = Path(export_path)
+        self.shadow: dict[str, Tensor] = {}
+
+    def _trainable(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        return {n: p for n, p in pl_module.net.named_parameters() if p.requires_grad}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = self._trainable(pl_module)
+        if self.shadow:  # restored from a checkpoint
+            self.shadow = {n: v.to(params[n].device) for n, v in self.shadow.items()}
+        else:
+            self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        for name, p in self._trainable(pl_module).items():
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.shadow:
+            save_state_dict({n: v.cpu() for n, v in self.shadow.items()}, self.export_path,
+                            metadata={"content": "ema of trainable parameters", "decay": str(self.decay)},
+                            overwrite=True)
+            logger.info("EMA weights written to %s", self.export_path)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": {n: v.cpu() for n, v in self.shadow.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.shadow = dict(state_dict["shadow"])
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] or masks in [0, 1] (pass ``images * 2 - 1``) → (B, H, W, 3) uint8 RGB."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """Write an RGB/gray uint8 image atomically (temporary name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
+    if not cv2.imwrite(str(tmp), bgr):
+        raise OSError(f"could not write image {tmp}")
+    os.replace(tmp, path)
+
+
+class ImageLogger(pl.Callback):
+    """Every ``every`` steps, rank 0 samples the mask branch for a few fixed training pairs and writes
+    ``<out_dir>/step_<N>.png``: one row per pair, columns mask | real image | sample."""
+
+    def __init__(self, every: int, out_dir: str | Path, samples: dict, steps: int, cfg_scale: float, seed: int):
+        self.every, self.out_dir, self.samples = every, Path(out_dir), samples
+        self.steps, self.cfg_scale, self.seed = steps, cfg_scale, seed
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        step = trainer.global_step
+        if self.every <= 0 or step % self.every or not trainer.is_global_zero:
+            return
+        net = pl_module.net
+        was_training = net.training
+        net.eval()
+        hint = self.samples["mask_hint"].to(pl_module.device)
+        generator = torch.Generator(device=hint.device).manual_seed(self.seed)
+        images = net.sample(hint, list(self.samples["prompt"]), steps=self.steps, cfg_scale=self.cfg_scale,
+                            generator=generator)
+        net.train(was_training)
+        size = images.shape[-2:]
+        resize = torch.nn.functional.interpolate
+        cols = [resize(hint * 2 - 1, size=size, mode="nearest"),
+                resize(self.samples["image"].to(images.device), size=size, mode="area"), images]
+        rows = [np.concatenate([to_uint8(c)[i] for c in cols], axis=1) for i in range(images.shape[0])]
+        path = self.out_dir / f"step_{step:07d}.png"
+        write_png(path, np.concatenate(rows, axis=0))
+        logger.info("sample grid written to %s", path)

@@ -1,0 +1,97 @@
+"""Lightning wiring for ControlNet training (the mask-only baseline); the Siamese module extends it.
+
+The module only wires parts together: it turns a batch into latents, text context, timesteps and noise, asks
+``loss_terms`` for the loss and per-sample terms, logs them, and owns the optimizer over the trainable set chosen by
+``sd_locked`` (``ControlLDM.configure_trainable``). Per-term losses go to Lightning's logger, never to stdout.
+
+Exact resume: Lightning/DeepSpeed restore weights, optimizer state and the step; step-dependent values are pure
+functions of that step and the configured total; this module also saves and restores the RNG states.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from cldm.model import ControlLDM
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What the training loop needs beyond the model (from ``train`` / ``method`` config sections)."""
+
+    lr: float = 1e-5
+    sd_locked: bool = True
+    prompt_dropout: float = 0.05
+    total_steps: int = 3000
+
+
+@dataclass
+class StepLoss:
+    loss: Tensor
+    terms: dict[str, Tensor]  # per-sample values, logged as batch means
+    extras: dict[str, float]  # scalars worth logging (ramp value, gate shares, ...)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+class ControlNetModule(pl.LightningModule):
+    """Plain ControlNet training on the mask hint: ``L = ‖ε_θ(z_t, t, τ, c(h_m)) − ε‖²``."""
+
+    def __init__(self, net: ControlLDM, settings: TrainSettings):
+        super().__init__()
+        self.net = net
+        self.settings = settings
+        self.trainable_names = net.configure_trainable(settings.sd_locked)
+
+    # -- one step ---------------------------------------------------------------------------------------------------
+    def prepare_batch(self, batch: dict) -> dict[str, Tensor]:
+        """Batch from the dataset → latents, hints, text context, timesteps and noise (all on this device)."""
+        prompts = list(batch["prompt"])
+        if self.training and self.settings.prompt_dropout > 0:
+            # Classifier-free guidance needs an unconditional model: drop the prompt with probability p.
+            drop = torch.rand(len(prompts)).lt(self.settings.prompt_dropout).tolist()
+            prompts = ["" if d else p for p, d in zip(prompts, drop)]
+        z0 = self.net.encode_images(batch["image"])
+        context = self.net.encode_prompts(prompts).to(z0.dtype)
+        t = torch.randint(0, self.net.schedule.num_timesteps, (z0.shape[0],), device=z0.device)
+        return {"z0": z0, "mask_hint": batch["mask_hint"], "image_hint": batch["image_hint"], "context": context,
+                "t": t, "noise": torch.randn_like(z0)}
+
+    def loss_terms(self, inputs: dict[str, Tensor], step: int) -> StepLoss:
+        net = self.net
+        z_t = net.schedule.q_sample(inputs["z0"], inputs["t"], inputs["noise"])
+        eps = net.eps(z_t, inputs["t"], inputs["context"], inputs["mask_hint"])
+        per_sample = (eps.float() - inputs["noise"].float()).pow(2).flatten(1).mean(1)
+        return StepLoss(per_sample.mean(), {"loss_mask": per_sample}, {})
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self.loss_terms(self.prepare_batch(batch), int(self.global_step))
+        logs = {f"train/{k}": v.detach().mean() for k, v in out.terms.items()}
+        logs.update({f"train/{k}": float(v) for k, v in out.extras.items()})
+        self.log_dict(logs, on_step=True, prog_bar=False, sync_dist=False)
+        self.log("loss", out.loss.detach(), on_step=True, prog_bar=True)
+        return out.loss
+
+    # -- optimisation -----------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.settings.lr)
+
+    # -- checkpoint extras ------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = _rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rng_state")
+        if state is not None:
+            random.setstate(state["python"])
+            np.random.set_state(state["numpy"])
+            torch.set_rng_state(state["torch"])

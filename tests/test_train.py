@@ -1,0 +1,138 @@
+"""Training CLI on the tiny config: real Lightning + real DeepSpeed ZeRO-2 on CPU, checkpoints, resume, 2 ranks.
+
+The in-process runs share one gloo process group with tests/test_strategy.py (Lightning keeps it alive for the
+pytest process); the 2-rank run is a subprocess of the real ``tutorial_train.py`` (Lightning re-launches argv).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cldm.strategy import zero_checkpoint_to_state_dict
+from siamese.config import load_config
+from tools import train as train_tool
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "siamese_tiny.yaml"
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+
+
+def _overrides(out: Path, steps: int = 4, **extra: object) -> list[str]:
+    base = {"train.output_dir": str(out), "train.total_steps": steps, "train.checkpoint_every": 2,
+            "train.keep_checkpoints": -1, "train.image_log_every": 2, "sample.steps": 2, "data.synthetic_samples": 8}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _metrics(out: Path) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for path in sorted((out / "logs").rglob("metrics.csv")):
+        with path.open() as handle:
+            rows += list(csv.DictReader(handle))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(TINY, _overrides(out))
+    trainer = train_tool.train(cfg)
+    return out, cfg, trainer
+
+
+def test_tiny_training_writes_zero2_checkpoints_config_and_images(trained):
+    out, cfg, trainer = trained
+    assert trainer.global_step == 4
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["step=2.ckpt", "step=4.ckpt"]
+    # A real ZeRO checkpoint directory: model states + the (partitioned) optimizer state of rank 0.
+    tag = (out / "checkpoints" / "step=4.ckpt" / "latest").read_text().strip()
+    files = {p.name for p in (out / "checkpoints" / "step=4.ckpt" / tag).iterdir()}
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in files
+    assert load_config(out / "config.yaml") == cfg  # the resolved config round-trips
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
+
+
+def test_checkpoint_holds_the_live_weights(trained):
+    out, _, trainer = trained
+    state = zero_checkpoint_to_state_dict(out / "checkpoints" / "step=4.ckpt")
+    # ZeRO files hold parameters and buffers under their module names, frozen ones included.
+    module = trainer.lightning_module
+    live = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    assert set(dict(module.named_parameters())) <= set(state) <= set(live)  # non-persistent buffers aside
+    for key, value in state.items():
+        assert torch.equal(value, live[key].cpu()), key
+
+
+def test_logged_terms_follow_the_configured_schedule(trained):
+    out, cfg, _ = trained
+    rows = [r for r in _metrics(out) if r.get("train/image_weight")]
+    assert rows, "per-term losses were not logged"
+    for row in rows:
+        step = int(row["step"])
+        assert float(row["train/image_weight"]) == pytest.approx(step / cfg.train.total_steps)
+        for term in ("loss_mask", "loss_image", "loss_consistency", "loss_aug"):
+            assert f"train/{term}" in row
+    # L_aug's step gate opens after a third of the run.
+    gates = {int(r["step"]): float(r["train/aug_active"]) for r in rows}
+    assert all(v == float(s > cfg.train.total_steps / 3) for s, v in gates.items())
+
+
+def test_resume_latest_continues_step_count_and_schedule(trained, tmp_path):
+    out, cfg, _ = trained
+    # Fresh copy of the run directory with only the step-2 checkpoint, then resume to step 4.
+    import shutil
+
+    run = tmp_path / "resumed"
+    shutil.copytree(out, run)
+    shutil.rmtree(run / "checkpoints" / "step=4.ckpt")
+    shutil.rmtree(run / "logs")
+    cfg2 = load_config(TINY, _overrides(run))
+    assert train_tool.find_latest_checkpoint(run / "checkpoints").name == "step=2.ckpt"
+    trainer = train_tool.train(cfg2, resume="latest")
+    assert trainer.global_step == 4
+    steps = sorted({int(r["step"]) for r in _metrics(run) if r.get("train/image_weight")})
+    assert steps and min(steps) >= 2  # nothing before the checkpoint was re-run
+    for row in (r for r in _metrics(run) if r.get("train/image_weight")):
+        assert float(row["train/image_weight"]) == pytest.approx(int(row["step"]) / 4)
+
+
+def test_cli_help_dry_run_and_bad_config(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        train_tool.main(["--help"])
+    assert exc.value.code == 0
+    assert train_tool.main(["--config", str(TINY), "--dry-run", "train.lr=0.5"]) == 0
+    assert "lr: 0.5" in capsys.readouterr().out
+    assert train_tool.main(["--config", str(TINY), "--dry-run", "train.lrr=1"]) == 2
+    assert train_tool.main(["--config", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
+    assert train_tool.main(["--config", str(TINY), "--resume", str(tmp_path / "nope.ckpt"),
+                            f"train.output_dir={tmp_path}"]) == 2
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_zero2_via_cli(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env["MASTER_PORT"] = str(_free_port())
+    cmd = [sys.executable, str(REPO / "tutorial_train.py"), "--config", str(TINY),
+           *_overrides(tmp_path, steps=2, **{"train.devices": 2, "train.image_log_every": 0})]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "checkpoints" / "step=2.ckpt"
+    tag = (ckpt / "latest").read_text().strip()
+    shards = sorted(p.name for p in (ckpt / tag).glob("zero_pp_rank_*_optim_states.pt"))
+    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert any(k.startswith("net.model.diffusion_model.") for k in zero_checkpoint_to_state_dict(ckpt))
