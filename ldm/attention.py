@@ -23,10 +23,9 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 def group_norm_groups(channels: int, max_groups: int = 32) -> int:
     """Group count for GroupNorm: 32 as in SD, or the largest divisor ≤ 32 for tiny widths (never used at SD1.5)."""
-    for groups in range(min(max_groups, channels), 0, -1):
-        if channels % groups == 0:
-            return groups
-    return 1
+    if channels <= 0:
+        raise ValueError(f"GroupNorm needs a positive channel count, got {channels}")
+    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
 
 
 class GroupNorm32(nn.GroupNorm):

@@ -19,27 +19,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from ldm.attention import group_norm_groups
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AutoencoderKL", "DiagonalGaussian", "IdentityFirstStage", "PointPosterior", "group_count"]
-
-
-def group_count(channels: int, max_groups: int = 32) -> int:
-    """Number of GroupNorm groups: 32 as in SD1.5 when possible, else the largest divisor of `channels` <= 32."""
-    if channels <= 0:
-        raise ValueError(f"group_count: channels must be positive, got {channels}")
-    if channels % max_groups == 0:
-        return max_groups
-    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+__all__ = ["AutoencoderKL", "DiagonalGaussian", "IdentityFirstStage", "PointPosterior"]
 
 
 def _norm(channels: int) -> nn.GroupNorm:
     # eps 1e-6 (not torch's default 1e-5) is what the SD1.5 VAE was trained with.
-    return nn.GroupNorm(group_count(channels), channels, eps=1e-6, affine=True)
+    return nn.GroupNorm(group_norm_groups(channels), channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):

@@ -8,7 +8,8 @@ import math
 import os
 from pathlib import Path
 
-from ldm.autoencoder import AttnBlock, AutoencoderKL, DiagonalGaussian, IdentityFirstStage, group_count
+from ldm.attention import group_norm_groups as group_count
+from ldm.autoencoder import AttnBlock, AutoencoderKL, DiagonalGaussian, IdentityFirstStage
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import cv2
@@ -269,16 +268,6 @@ def test_synthetic_tiny_resolution_mask_not_empty_or_full() -> None:
     for index in range(20):
         _, mask = synthetic_pair(index, 4, seed=1)
         assert 0 < mask.sum() < mask.size
-
-
-def test_synthetic_sample_is_fast() -> None:
-    dataset = SyntheticLesionDataset(num_samples=50, resolution=64)
-    dataset[0]
-    start = time.perf_counter()
-    for index in range(50):
-        dataset[index]
-    per_sample = (time.perf_counter() - start) / 50
-    assert per_sample < 0.01, f"{per_sample * 1e3:.2f} ms per 64x64 sample"  # target 2 ms; slack for loaded CI
 
 
 def test_write_synthetic_dataset_round_trip(tmp_path: Path) -> None:
