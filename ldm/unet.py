@@ -209,6 +209,7 @@ class UNetModel(nn.Module):
         return len(self.input_blocks) + 1
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.gradient_checkpointing = enabled
         for module in self.modules():
             if isinstance(module, TimestepEmbedSequential):
                 module.use_checkpoint = enabled

@@ -5,8 +5,10 @@ obtain the stopped control ``sg(c_m)`` and the stopped UNet ``U_sg``. This modul
 same gradients without copies (``tests/test_siamese_parity.py`` proves it against a deep-copy reference):
 
 * ``sg(c_m)`` is the mask branch's own control, detached (same inputs, no dropout at these settings);
-* ``U_sg`` is the same UNet decoder called through ``torch.func.functional_call`` with detached parameters, so the
-  L_mix gradient reaches ``c_i`` (hence the ControlNet) but never the UNet;
+* ``U_sg`` is a shadow UNet built on the meta device (no memory) whose decoder parameter slots are filled, before
+  every call, with the live parameters detached (same storage, no copy): the L_mix gradient reaches ``c_i`` (hence
+  the ControlNet) but never the UNet. Unlike ``torch.func.functional_call``, the shadow keeps those detached weights
+  until the next call, so gradient-checkpoint recomputation during backward sees exactly the forward's weights;
 * the UNet encoder runs without autograd in both branches on the same (z_t, t, τ), so it is computed once;
 * the ControlNet runs once on the stacked [mask hint; image hint] batch (2B) — per-sample identical;
 * L_aug is evaluated only on the samples its gate keeps (t ≤ 200): the others contribute exactly 0.
@@ -24,12 +26,33 @@ from ldm.schedule import Schedule
 from ldm.unet import EncoderFeatures, UNetModel
 
 import torch
-from torch import Tensor
-from torch.func import functional_call
+from torch import Tensor, nn
 
 from cldm.controlnet import ControlNet
 from siamese.losses import LossWeights, siamese_terms, total_loss
 from siamese.schedules import SiameseRecipe
+
+
+class StoppedUNet:
+    """``U_sg``: the UNet decoder with stopped weights, sharing storage with the live UNet."""
+
+    def __init__(self, unet: UNetModel):
+        with torch.device("meta"):
+            self.shadow = UNetModel(unet.config)
+        self.shadow.requires_grad_(False)
+        self.slots = []
+        for name in unet.decoder_parameters():
+            owner, _, leaf = name.rpartition(".")
+            self.slots.append((self.shadow.get_submodule(owner), leaf, name))
+
+    def __call__(self, unet: UNetModel, features: EncoderFeatures, context: Tensor, control: Sequence[Tensor],
+                 only_mid_control: bool) -> Tensor:
+        live = unet.decoder_parameters()
+        for module, leaf, name in self.slots:
+            module._parameters[leaf] = nn.Parameter(live[name].detach(), requires_grad=False)
+        self.shadow.train(unet.training)
+        self.shadow.set_gradient_checkpointing(getattr(unet, "gradient_checkpointing", False))
+        return self.shadow.decode(features, context, control, only_mid_control)
 
 
 @dataclass
@@ -66,6 +89,7 @@ class SiameseDiffusion:
         self.weights = weights
         self.recipe = recipe
         self.only_mid_control = control.control_config.only_mid_control
+        self._stopped = StoppedUNet(unet)
 
     def to(self, device: torch.device | str) -> SiameseDiffusion:
         self.schedule = self.schedule.to(device)
@@ -80,9 +104,9 @@ class SiameseDiffusion:
     def eps_stopped(self, z_t: Tensor, t: Tensor, context: Tensor, control: Sequence[Tensor],
                     features: EncoderFeatures | None = None) -> Tensor:
         """ε prediction with the UNet's weights stopped (``U_sg``): gradients flow to ``control`` only."""
-        detached = {name: p.detach() for name, p in self.unet.decoder_parameters().items()}
-        return functional_call(self.unet, detached, (z_t, t, context),
-                               {"control": control, "only_mid_control": self.only_mid_control, "features": features})
+        if features is None:
+            features = self.unet.encode(z_t, t, context)
+        return self._stopped(self.unet, features, context, control, self.only_mid_control)
 
     def eps_mask(self, z_t: Tensor, t: Tensor, context: Tensor, mask_hint: Tensor) -> Tensor:
         """Mask-Diffusion ε prediction: the only branch used for sampling."""

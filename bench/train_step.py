@@ -1,0 +1,285 @@
+"""Benchmark: one Siamese training step, copy-free (``SiameseDiffusion.training_loss``) vs the released deep-copy form.
+
+The released ``p_losses`` deep-copies the ControlNet and the UNet on every step to get ``sg(c_m)`` and the stopped
+UNet; ``siamese.model`` computes the same loss and gradients without copies (``tests/test_siamese_parity.py``).
+This script measures what that buys: wall time of forward + backward (interleaved repetitions, median after
+warm-up) and peak memory of one step, both formulations side by side, at a tiny geometry or (``--sd15``) at the
+SD1.5 geometry with a small latent. It is a measurement script, not a test; run ``python bench/train_step.py -h``.
+
+Peak memory: on an accelerator, ``torch.accelerator.max_memory_allocated`` above what was allocated before the step
+(tensors only). On CPU torch exposes no allocator statistics, so each formulation runs in a fresh subprocess that
+builds the models, resets the kernel's resident-set high-water mark (``/proc/self/clear_refs``, Linux) and reports
+``VmHWM − VmRSS`` over its first step: the peak *resident* memory the step adds on top of models and inputs
+(tensors plus allocator slack; falls back to ``ru_maxrss`` deltas where clear_refs is unavailable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import ldm  # noqa: F401  (torchvision shim first, as everywhere in this project)
+from ldm.schedule import Schedule
+from ldm.unet import UNetConfig, UNetModel
+
+import torch
+from torch import Tensor
+
+from cldm.controlnet import ControlConfig, ControlNet
+from siamese.losses import TERMS, LossWeights, mse_per_sample
+from siamese.model import SiameseDiffusion
+from siamese.schedules import SiameseRecipe
+
+TINY = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=2,
+                  context_dim=32)
+TOTAL_STEPS, STEP = 3000, 2500  # late in the run: image ramp at 5/6 and L_aug active (the most expensive step)
+T_CYCLE = (50, 600, 150, 900)  # half of the batch inside the L_aug gate (t ≤ 200); batch 1 → t = 50
+VARIANTS = ("copy-free", "deep-copy")
+MIB = 2**20
+
+
+# -- the released formulation (deep copies every step) ------------------------------------------------------------
+def deep_copy_loss(unet: UNetModel, control: ControlNet, schedule: Schedule, weights: LossWeights,
+                   recipe: SiameseRecipe, step: int, z0: Tensor, mask_hint: Tensor, image_hint: Tensor,
+                   context: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """The Siamese loss as the released code computes it: copied ControlNet for sg(c_m), copied UNet for U_sg."""
+    only_mid = control.control_config.only_mid_control
+    control_copy, unet_copy = copy.deepcopy(control), copy.deepcopy(unet)
+    z_t = schedule.q_sample(z0, t, noise)
+    c_m = control(z_t, mask_hint, t, context)
+    eps_m = unet(z_t, t, context, c_m, only_mid)
+    with torch.no_grad():
+        c_m_sg = control_copy(z_t, mask_hint, t, context)
+    c_i = control(z_t, image_hint, t, context)
+    w_m, w_i = recipe.mask_control_weight, recipe.image_weight(step)
+    eps_mix = unet_copy(z_t, t, context, [w_m * a + w_i * b for a, b in zip(c_m_sg, c_i)], only_mid)
+    terms = {"loss_mask": mse_per_sample(eps_m, noise), "loss_image": mse_per_sample(eps_mix, noise),
+             "loss_consistency": mse_per_sample(eps_m, eps_mix.detach())}
+    if step > recipe.total_steps * recipe.aug_start:  # full batch, gated by multiplication (released behaviour)
+        z_aug = schedule.q_sample(schedule.predict_x0_from_eps(z_t, t, eps_mix), t, noise).detach()
+        eps_aug = unet(z_aug, t, context, control(z_aug, mask_hint, t, context), only_mid)
+        terms["loss_aug"] = mse_per_sample(eps_aug, noise) * (t <= recipe.aug_t_max).float()
+    return sum(weights.of(name) * terms[name] for name in TERMS if name in terms).mean()
+
+
+# -- set-up ---------------------------------------------------------------------------------------------------------
+def build(args: argparse.Namespace, device: torch.device) -> tuple[UNetModel, ControlNet, dict[str, Tensor]]:
+    torch.manual_seed(0)
+    cfg = UNetConfig() if args.sd15 else TINY
+    unet, control = UNetModel(cfg).to(device), ControlNet(cfg, ControlConfig()).to(device)
+    unet.requires_grad_(False)  # sd_locked=False: ControlNet + UNet decoder are trained
+    for p in unet.decoder_parameters().values():
+        p.requires_grad_(True)
+    unet.set_gradient_checkpointing(args.checkpointing)
+    control.set_gradient_checkpointing(args.checkpointing)
+    b, s = args.batch, args.latent
+    g = torch.Generator().manual_seed(1)
+    inputs = {"z0": torch.randn(b, 4, s, s, generator=g),
+              "mask_hint": (torch.rand(b, 1, 8 * s, 8 * s, generator=g) > 0.5).float().expand(b, 3, 8 * s, 8 * s),
+              "image_hint": torch.rand(b, 3, 8 * s, 8 * s, generator=g),
+              "context": torch.randn(b, 77, cfg.context_dim, generator=g),
+              "t": torch.tensor([T_CYCLE[i % len(T_CYCLE)] for i in range(b)]),
+              "noise": torch.randn(b, 4, s, s, generator=g)}
+    return unet, control, {k: v.contiguous().to(device) for k, v in inputs.items()}
+
+
+def make_step(variant: str, unet: UNetModel, control: ControlNet, inputs: dict[str, Tensor],
+              device: torch.device, dtype: str) -> Callable[[], None]:
+    schedule = Schedule.from_config().to(device)
+    weights, recipe = LossWeights(), SiameseRecipe(total_steps=TOTAL_STEPS)
+    method = SiameseDiffusion(unet, control, schedule, weights, recipe)
+    params = [*unet.parameters(), *control.parameters()]
+
+    def autocast() -> AbstractContextManager:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+    def step() -> None:
+        for p in params:
+            p.grad = None  # gradients are allocated inside the step, as with optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            if variant == "copy-free":
+                loss = method.training_loss(inputs["z0"], inputs["mask_hint"], inputs["image_hint"],
+                                            inputs["context"], inputs["t"], inputs["noise"], STEP).loss
+            else:
+                loss = deep_copy_loss(unet, control, schedule, weights, recipe, STEP, **inputs)
+        loss.backward()
+        synchronize(device)
+
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+
+
+# -- CPU peak resident memory (one fresh process per formulation) --------------------------------------------------
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _release_free_heap() -> None:
+    """Return freed heap pages to the kernel (glibc ``malloc_trim``), so the resident set before the measured step
+    holds the live data only and the step's own peak shows up in the high-water mark."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the base then includes cached free memory (peak understated)
+        pass
+
+
+def cpu_memory_child(args: argparse.Namespace) -> None:
+    """Runs in a subprocess: warm-up step(s) of ``args.child``, then one measured step; prints a JSON line."""
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    unet, control, inputs = build(args, device)
+    step = make_step(args.child, unet, control, inputs, device, args.dtype)
+    error = None
+    try:
+        for _ in range(max(args.warmup, 1)):  # one-time costs (kernel caches, thread pools) are not the step's
+            step()
+    except Exception as exc:  # reported, not raised: the other formulation still gets measured
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    _release_free_heap()
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")  # resets VmHWM to the current resident set
+        base, method = _proc_status_kib("VmRSS"), "VmHWM"
+    except OSError:
+        base, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+    if error is None:
+        step()
+    peak = _proc_status_kib("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"base_mib": base / 1024, "peak_delta_mib": (peak - base) / 1024, "method": method,
+                      "error": error}))
+
+
+def cpu_memory(args: argparse.Namespace, variant: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--dtype", args.dtype, "--batch",
+           str(args.batch), "--latent", str(args.latent), "--threads", str(args.threads)]
+    cmd += ["--sd15"] * args.sd15 + ["--checkpointing"] * args.checkpointing
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": f"memory subprocess exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- the measurement -------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    memory: dict[str, dict] = {}
+    if device.type == "cpu" and not args.no_memory:  # before building here, so the children have the RAM
+        memory = {v: cpu_memory(args, v) for v in VARIANTS}
+
+    unet, control, inputs = build(args, device)
+    n_params = sum(p.numel() for p in [*unet.parameters(), *control.parameters()])
+    n_train = sum(p.numel() for p in [*unet.parameters(), *control.parameters()] if p.requires_grad)
+    steps = {v: make_step(v, unet, control, inputs, device, args.dtype) for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    errors: dict[str, str] = {}
+    for rep in range(args.warmup + args.repeats):
+        order = VARIANTS if rep % 2 == 0 else VARIANTS[::-1]  # alternate who goes first (caches, thermal, load)
+        for variant in order:
+            if variant in errors:
+                continue
+            if device.type != "cpu":
+                torch.accelerator.reset_peak_memory_stats()
+                base = torch.accelerator.memory_allocated()
+            start = time.perf_counter()
+            try:
+                steps[variant]()
+            except Exception as exc:  # e.g. a formulation that cannot run with checkpointing: report, go on
+                errors[variant] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                continue
+            elapsed = time.perf_counter() - start
+            if rep >= args.warmup:
+                times[variant].append(elapsed)
+            if device.type != "cpu":
+                peak = (torch.accelerator.max_memory_allocated() - base) / MIB
+                old = memory.get(variant, {}).get("peak_delta_mib", 0.0)
+                memory[variant] = {"base_mib": base / MIB, "peak_delta_mib": max(old, peak),
+                                   "method": "max_memory_allocated"}
+
+    geometry = "SD1.5 (UNetConfig(), ControlConfig())" if args.sd15 else "tiny (ch 32, mult 1,2, 1 res block)"
+    print(f"geometry: {geometry}; {n_params / 1e6:.1f} M parameters, {n_train / 1e6:.1f} M trainable")
+    print(f"batch {args.batch}, latent 4x{args.latent}x{args.latent}, hints 3x{8 * args.latent}x{8 * args.latent}, "
+          f"t = {inputs['t'].tolist()}, step {STEP}/{TOTAL_STEPS} (all four terms), {args.dtype}, "
+          f"checkpointing {'on' if args.checkpointing else 'off'}, device {device}, threads {args.threads}, "
+          f"median of {args.repeats} after {args.warmup} warm-up")
+    print(f"{'formulation':<12} {'step ms (median)':>17} {'min..max ms':>17} {'peak MiB over base':>19} "
+          f"{'base MiB':>9}")
+    medians: dict[str, float] = {}
+    for v in VARIANTS:
+        mem = memory.get(v, {})
+        if v in errors:
+            print(f"{v:<12} FAILED ({errors[v]})")
+            continue
+        err = mem.get("error")
+        medians[v] = statistics.median(times[v]) * 1e3
+        spread = f"{min(times[v]) * 1e3:.0f}..{max(times[v]) * 1e3:.0f}"
+        peak = f"{mem['peak_delta_mib']:.1f}" if "peak_delta_mib" in mem else "-"
+        base = f"{mem['base_mib']:.0f}" if "base_mib" in mem else "-"
+        print(f"{v:<12} {medians[v]:>17.1f} {spread:>17} {peak:>19} {base:>9}" + (f"  ({err})" if err else ""))
+    if len(medians) == 2:
+        ratio = medians["deep-copy"] / medians["copy-free"]
+        line = f"ratio deep-copy / copy-free: time {ratio:.2f}x"
+        peaks = [memory.get(v, {}).get("peak_delta_mib") for v in VARIANTS]
+        if all(peaks) and not any(memory[v].get("error") for v in VARIANTS):
+            line += f", peak memory {peaks[1] / peaks[0]:.2f}x"
+        print(line)
+    if memory:
+        method = next((m["method"] for m in memory.values() if "method" in m), "?")
+        print(f"memory: {method} (" + ("resident set of a fresh process per formulation, one step after warm-up"
+                                       if device.type == "cpu" else "tensors allocated on the device") + ")")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or an accelerator device string")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32, or bf16 autocast (parameters stay fp32, as bf16-mixed training)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per formulation")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per formulation first")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 4 tiny, 1 with --sd15)")
+    parser.add_argument("--latent", type=int, default=None,
+                        help="latent side (default: 8 tiny, 16 with --sd15); hints are 8x larger")
+    parser.add_argument("--sd15", action="store_true", help="SD1.5 geometry instead of the tiny one")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in UNet and ControlNet")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.batch = args.batch or (1 if args.sd15 else 4)
+    args.latent = args.latent or (16 if args.sd15 else 8)
+    if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.latent < 1:
+        parser.error("--repeats, --batch and --latent must be >= 1 and --warmup >= 0")
+    if args.latent % 2 ** (len((UNetConfig() if args.sd15 else TINY).channel_mult) - 1):
+        parser.error(f"--latent {args.latent} must be divisible by the UNet's total downsampling")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        cpu_memory_child(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Shared pytest set-up: import order, offline mode, CPU threads, and the reference files in ../shared.
+
+``import ldm`` must come before anything that imports torchvision (open_clip, Lightning, torchmetrics): it installs
+the CPU-only torchvision shim (ldm/_compat.py). The reference files live outside the repository: CI clones the
+repository with ``shared/`` beside it, a developer checkout may have ``shared/`` inside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ldm  # noqa: F401  (torchvision shim: must precede any open_clip / lightning / torchvision import)
+
+import numpy as np
+import pytest
+import torch
+
+# Before any test imports huggingface_hub (it reads this at import): a failed hub look-up retries for ~46 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MANIFEST_NAME = "official_controlldm_sd15_keys.json"
+
+# The CI machines have 2 cores; more threads than cores only adds contention.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def find_shared(*parts: str) -> Path | None:
+    """``<repo>/../shared/<parts>`` if it exists, else ``<repo>/shared/<parts>``, else None."""
+    for base in (REPO_ROOT.parent / "shared", REPO_ROOT / "shared"):
+        candidate = base.joinpath(*parts)
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch so tests are reproducible."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    # Every test starts from the same RNG state, whatever ran before it.
+    seed_everything(0)
+
+
+@pytest.fixture(scope="session")
+def seed() -> Callable[[int], None]:
+    """The seeding helper, for tests that re-seed mid-way."""
+    return seed_everything
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def reference_manifest() -> dict[str, Any]:
+    """``{"_about": ..., "keys": {name: [shape, dtype]}}`` of the original SD1.5 ControlLDM."""
+    path = find_shared("reference", MANIFEST_NAME)
+    if path is None:
+        pytest.skip(f"reference manifest {MANIFEST_NAME} not found in ../shared/reference or ./shared/reference")
+    with path.open(encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """Directory of the original implementation's loss/gradient values at tiny geometry (see its README.md)."""
+    path = find_shared("reference", "golden_tiny")
+    if path is None:
+        pytest.skip("golden values golden_tiny/ not found in ../shared/reference or ./shared/reference")
+    return path
