@@ -43,7 +43,7 @@ def _metrics(out: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = load_config(TINY, _overrides(out))
+    cfg = load_config(TINY, _overrides(out, **{"train.ema.enabled": "true", "train.ema.decay": 0.5}))
     trainer = train_tool.train(cfg)
     return out, cfg, trainer
 
@@ -59,6 +59,13 @@ def test_tiny_training_writes_zero2_checkpoints_config_and_images(trained):
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in files
     assert load_config(out / "config.yaml") == cfg  # the resolved config round-trips
     assert sorted(p.name for p in (out / "images").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
+    # EMA of the trainable weights: exported, and it lags the live weights (decay 0.5 over 4 steps).
+    from ldm.checkpoint import load_state_dict
+
+    ema = load_state_dict(out / "ema_trainable.safetensors")  # under the model's own (original) names
+    live = dict(trainer.lightning_module.net.named_parameters())
+    assert set(ema) == {n for n, p in live.items() if p.requires_grad}
+    assert any(not torch.equal(v, live[n].detach()) for n, v in ema.items())
 
 
 def test_checkpoint_holds_the_live_weights(trained):
