@@ -104,8 +104,6 @@ def make_step(variant: str, unet: UNetModel, control: ControlNet, inputs: dict[s
         return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
     def step() -> None:
-        for p in params:
-            p.grad = None  # gradients are allocated inside the step, as with optimizer.zero_grad(set_to_none=True)
         with autocast():
             if variant == "copy-free":
                 loss = method.training_loss(inputs["z0"], inputs["mask_hint"], inputs["image_hint"],
@@ -114,8 +112,15 @@ def make_step(variant: str, unet: UNetModel, control: ControlNet, inputs: dict[s
                 loss = deep_copy_loss(unet, control, schedule, weights, recipe, STEP, **inputs)
         loss.backward()
         synchronize(device)
+        for p in params:  # as optimizer.zero_grad(set_to_none=True): the gradients count inside the step
+            p.grad = None
 
     return step
+
+
+def note(message: str) -> None:
+    """Progress on stderr (an SD1.5 run on CPU takes minutes); the results go to stdout."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def synchronize(device: torch.device) -> None:
@@ -142,15 +147,14 @@ def _release_free_heap() -> None:
 
 
 def cpu_memory_child(args: argparse.Namespace) -> None:
-    """Runs in a subprocess: warm-up step(s) of ``args.child``, then one measured step; prints a JSON line."""
+    """Runs in a subprocess: a warm-up step of ``args.child``, then one measured step; prints a JSON line."""
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     unet, control, inputs = build(args, device)
     step = make_step(args.child, unet, control, inputs, device, args.dtype)
     error = None
     try:
-        for _ in range(max(args.warmup, 1)):  # one-time costs (kernel caches, thread pools) are not the step's
-            step()
+        step()  # warm-up: one-time costs (kernel caches, thread pools) are not the step's
     except Exception as exc:  # reported, not raised: the other formulation still gets measured
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     _release_free_heap()
@@ -183,8 +187,11 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     memory: dict[str, dict] = {}
     if device.type == "cpu" and not args.no_memory:  # before building here, so the children have the RAM
-        memory = {v: cpu_memory(args, v) for v in VARIANTS}
+        for v in VARIANTS:
+            note(f"peak memory of {v} (fresh subprocess)")
+            memory[v] = cpu_memory(args, v)
 
+    note("building the models")
     unet, control, inputs = build(args, device)
     n_params = sum(p.numel() for p in [*unet.parameters(), *control.parameters()])
     n_train = sum(p.numel() for p in [*unet.parameters(), *control.parameters()] if p.requires_grad)
@@ -206,6 +213,7 @@ def run(args: argparse.Namespace) -> None:
                 errors[variant] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 continue
             elapsed = time.perf_counter() - start
+            note(f"{'warm-up' if rep < args.warmup else 'timed'} step {rep + 1}: {variant} {elapsed:.2f} s")
             if rep >= args.warmup:
                 times[variant].append(elapsed)
             if device.type != "cpu":
@@ -214,37 +222,48 @@ def run(args: argparse.Namespace) -> None:
                 memory[variant] = {"base_mib": base / MIB, "peak_delta_mib": max(old, peak),
                                    "method": "max_memory_allocated"}
 
+    report(args, device, inputs["t"].tolist(), n_params, n_train, times, errors, memory)
+
+
+def report(args: argparse.Namespace, device: torch.device, t: list[int], n_params: int, n_train: int,
+           times: dict[str, list[float]], errors: dict[str, str], memory: dict[str, dict]) -> None:
+    """The results table on stdout: per formulation, step time and peak memory; then the ratios."""
     geometry = "SD1.5 (UNetConfig(), ControlConfig())" if args.sd15 else "tiny (ch 32, mult 1,2, 1 res block)"
     print(f"geometry: {geometry}; {n_params / 1e6:.1f} M parameters, {n_train / 1e6:.1f} M trainable")
     print(f"batch {args.batch}, latent 4x{args.latent}x{args.latent}, hints 3x{8 * args.latent}x{8 * args.latent}, "
-          f"t = {inputs['t'].tolist()}, step {STEP}/{TOTAL_STEPS} (all four terms), {args.dtype}, "
+          f"t = {t}, step {STEP}/{TOTAL_STEPS} (all four terms), {args.dtype}, "
           f"checkpointing {'on' if args.checkpointing else 'off'}, device {device}, threads {args.threads}, "
           f"median of {args.repeats} after {args.warmup} warm-up")
-    print(f"{'formulation':<12} {'step ms (median)':>17} {'min..max ms':>17} {'peak MiB over base':>19} "
-          f"{'base MiB':>9}")
+    print(f"{'formulation':<12} {'step ms (median)':>17} {'min..max ms':>15} {'step peak MiB':>14} "
+          f"{'base MiB':>9} {'total peak MiB':>15}")
     medians: dict[str, float] = {}
     for v in VARIANTS:
-        mem = memory.get(v, {})
         if v in errors:
             print(f"{v:<12} FAILED ({errors[v]})")
             continue
-        err = mem.get("error")
         medians[v] = statistics.median(times[v]) * 1e3
         spread = f"{min(times[v]) * 1e3:.0f}..{max(times[v]) * 1e3:.0f}"
-        peak = f"{mem['peak_delta_mib']:.1f}" if "peak_delta_mib" in mem else "-"
-        base = f"{mem['base_mib']:.0f}" if "base_mib" in mem else "-"
-        print(f"{v:<12} {medians[v]:>17.1f} {spread:>17} {peak:>19} {base:>9}" + (f"  ({err})" if err else ""))
+        mem = memory.get(v, {})
+        if "peak_delta_mib" in mem and not mem.get("error"):
+            step_peak, base = mem["peak_delta_mib"], mem["base_mib"]
+            cols = f"{step_peak:>14.1f} {base:>9.0f} {base + step_peak:>15.0f}"
+        else:
+            cols = f"{'-':>14} {'-':>9} {'-':>15}" + (f"  (memory: {mem['error']})" if mem.get("error") else "")
+        print(f"{v:<12} {medians[v]:>17.1f} {spread:>15} {cols}")
     if len(medians) == 2:
-        ratio = medians["deep-copy"] / medians["copy-free"]
-        line = f"ratio deep-copy / copy-free: time {ratio:.2f}x"
-        peaks = [memory.get(v, {}).get("peak_delta_mib") for v in VARIANTS]
-        if all(peaks) and not any(memory[v].get("error") for v in VARIANTS):
-            line += f", peak memory {peaks[1] / peaks[0]:.2f}x"
+        line = f"ratio deep-copy / copy-free: time {medians['deep-copy'] / medians['copy-free']:.2f}x"
+        mems = [memory.get(v, {}) for v in VARIANTS]
+        if all("peak_delta_mib" in m and not m.get("error") for m in mems):
+            totals = [m["base_mib"] + m["peak_delta_mib"] for m in mems]
+            line += (f", step peak memory {mems[1]['peak_delta_mib'] / mems[0]['peak_delta_mib']:.2f}x, "
+                     f"total peak memory {totals[1] / totals[0]:.2f}x")
         print(line)
     if memory:
         method = next((m["method"] for m in memory.values() if "method" in m), "?")
-        print(f"memory: {method} (" + ("resident set of a fresh process per formulation, one step after warm-up"
-                                       if device.type == "cpu" else "tensors allocated on the device") + ")")
+        what = ("resident set of a fresh process per formulation, one step after a warm-up step"
+                if device.type == "cpu" else "tensors allocated on the device, max over the steps")
+        print(f"memory: {method} ({what}); step peak = peak during forward+backward above base (models + inputs, "
+              "gradients freed); total = base + step peak")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
