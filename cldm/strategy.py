@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ldm.checkpoint import foreign_globals
+
 import torch
 from lightning_fabric.utilities.seed import reset_seed
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
@@ -215,18 +217,35 @@ def _locate_zero_checkpoint(path: Path) -> tuple[Path, str]:
     return root, tag
 
 
-def zero_checkpoint_to_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+# Every global that DeepSpeed / Lightning checkpoints of this framework pickle beyond torch's safe set: numpy RNG
+# states, DeepSpeed's loss scaler, ZeRO stage enum and fragment addresses. Anything else is refused by default.
+ZERO_PICKLE_GLOBALS = frozenset({
+    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
+    "numpy.dtypes.UInt32DType", "numpy.dtypes.Int64DType", "numpy.dtypes.Float64DType",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+def zero_checkpoint_to_state_dict(ckpt_dir: str | Path, *, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Consolidate a ZeRO-2/3 checkpoint directory into the LightningModule's state dict (CPU tensors).
 
     Accepts Lightning's ``.../epoch=E-step=S.ckpt/`` directory (or its tag folder). Trainable parameters come back
     as the optimizer's fp32 master weights (exactly the live values under fp32 training); frozen parameters and
     buffers are included in the dtype the module held them in (bf16 under DeepSpeed's bf16 precision). A
-    ``_forward_module.`` prefix (Lightning 1.x checkpoints) is stripped. DeepSpeed's reader unpickles the
-    checkpoint files (``weights_only=False``), so only use it on checkpoints you trust, e.g. your own runs.
+    ``_forward_module.`` prefix (Lightning 1.x checkpoints) is stripped. DeepSpeed's reader fully unpickles the
+    files, so each is vetted first: a file that would import anything beyond ``ZERO_PICKLE_GLOBALS`` is refused
+    unless ``unsafe_pickle`` (for a file you trust).
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     root, tag = _locate_zero_checkpoint(Path(ckpt_dir))
+    if not unsafe_pickle:
+        for path in sorted((root / tag).glob("*.pt")):
+            foreign = foreign_globals(path, ZERO_PICKLE_GLOBALS)
+            if foreign:
+                raise ValueError(f"{path}: would import {', '.join(foreign[:5])} when unpickled, which a ZeRO "
+                                 "checkpoint never needs; if you trust this file, pass --unsafe-pickle")
     # DeepSpeed's converter print()s progress; keep library output in logging instead.
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):

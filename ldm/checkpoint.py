@@ -14,7 +14,7 @@ import logging
 import os
 import pickle
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,21 @@ def _load_pickle(path: Path, *, unsafe_pickle: bool, map_location: str | torch.d
         raise ValueError(
             f"{path}: not a readable torch checkpoint, truncated or corrupt ({_first_line(exc)})"
         ) from None
+
+
+def foreign_globals(path: str | os.PathLike[str], allowed: Collection[str] = ()) -> list[str]:
+    """The Python globals a pickled checkpoint would import that are neither torch's safe set nor ``allowed``.
+
+    Reads the pickle opcodes without executing anything (``torch.serialization.get_unsafe_globals_in_checkpoint``),
+    so a file can be vetted before a loader that needs full unpickling (DeepSpeed's ZeRO reader) touches it.
+    """
+    path = Path(path)
+    _check_readable(path)
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as exc:  # not a zip checkpoint: legacy format or corrupt
+        raise ValueError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from None
+    return sorted(set(found) - set(allowed))
 
 
 def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:

@@ -159,10 +159,14 @@ class ConfigError(ValueError):
     """A configuration problem, described in one line."""
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Schema defaults ← YAML file ← ``key=value`` overrides, validated. Raises ``ConfigError`` naming the culprit."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+                text: str | None = None, where: str | None = None) -> ExperimentConfig:
+    """Schema defaults ← YAML file (or YAML ``text``) ← ``key=value`` overrides, validated.
+
+    Raises ``ConfigError`` naming the culprit; ``where`` names the source in messages (default: the path).
+    """
     schema = OmegaConf.structured(ExperimentConfig)
-    where = str(path) if path is not None else "<defaults>"
+    where = where or (str(path) if path is not None else "<defaults>")
     try:
         layers = [schema]
         if path is not None:
@@ -170,6 +174,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
             layers.append(OmegaConf.load(path))
+        if text is not None:
+            layers.append(OmegaConf.create(text))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
@@ -234,6 +240,30 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 def config_hash(cfg: ExperimentConfig) -> str:
     """Short stable hash of the resolved configuration (for manifests and run names)."""
     return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+# Checkpoints written by the tools carry the resolved config under this safetensors metadata key, so a merged
+# checkpoint is self-describing (tutorial_inference.py can run without --config).
+METADATA_CONFIG = "siamese.config"
+METADATA_CONFIG_HASH = "siamese.config_hash"
+METADATA_KIND = "siamese.kind"
+
+
+def checkpoint_metadata(cfg: ExperimentConfig | None, kind: str, **extra: str) -> dict[str, str]:
+    """String metadata for a checkpoint: its kind (init / fp32 / merged / trainable), the config, extras."""
+    meta = {METADATA_KIND: kind, **extra}
+    if cfg is not None:
+        meta[METADATA_CONFIG] = to_yaml(cfg)
+        meta[METADATA_CONFIG_HASH] = config_hash(cfg)
+    return meta
+
+
+def config_from_metadata(meta: dict[str, str], where: str) -> ExperimentConfig | None:
+    """The config a checkpoint carries in its metadata (validated), or None when it carries none."""
+    text = meta.get(METADATA_CONFIG)
+    if not text:
+        return None
+    return load_config(None, text=text, where=f"{where} (metadata {METADATA_CONFIG})")
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:

@@ -13,12 +13,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ldm.checkpoint import load_state_dict, save_state_dict
+
 import pytest
 import torch
 
+from cldm.convert import training_to_model_keys
 from cldm.strategy import zero_checkpoint_to_state_dict
 from siamese.config import load_config
+from siamese.factory import build_model, load_weights, meta_model
+from tools import add_control as add_control_tool
+from tools import merge_control as merge_tool
 from tools import train as train_tool
+from tools import zero_to_fp32 as zero_tool
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "siamese_tiny.yaml"
@@ -41,9 +48,23 @@ def _metrics(out: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def init_ckpt(tmp_path_factory) -> Path:
+    """The workflow's first step at the tiny geometry: a (random) SD base → tool_add_control.py."""
+    root = tmp_path_factory.mktemp("init")
+    torch.manual_seed(7)
+    base = {k: v for k, v in build_model(load_config(TINY).model).state_dict().items()
+            if not k.startswith("control_model.")}
+    save_state_dict(base, root / "sd_base.safetensors")
+    assert add_control_tool.main([str(root / "sd_base.safetensors"), str(root / "init.safetensors"),
+                                  "--config", str(TINY)]) == 0
+    return root / "init.safetensors"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, init_ckpt):
     out = tmp_path_factory.mktemp("run")
-    cfg = load_config(TINY, _overrides(out, **{"train.ema.enabled": "true", "train.ema.decay": 0.5}))
+    cfg = load_config(TINY, _overrides(out, **{"train.ema.enabled": "true", "train.ema.decay": 0.5,
+                                                "train.init_ckpt": init_ckpt}))
     trainer = train_tool.train(cfg)
     return out, cfg, trainer
 
@@ -77,6 +98,56 @@ def test_checkpoint_holds_the_live_weights(trained):
     assert set(dict(module.named_parameters())) <= set(state) <= set(live)  # non-persistent buffers aside
     for key, value in state.items():
         assert torch.equal(value, live[key].cpu()), key
+
+
+def _zero_to_merged(ckpt: Path, init: Path, out: Path) -> dict[str, torch.Tensor]:
+    """Steps 3 and 4 of the workflow through the real CLIs; returns the merged model's strict-loaded state."""
+    assert zero_tool.main([str(ckpt), str(out / "trained.safetensors")]) == 0
+    assert merge_tool.main(["--base", str(init), "--trained", str(out / "trained.safetensors"),
+                            "--out", str(out / "merged.safetensors")]) == 0
+    model = build_model(load_config(TINY).model)  # the config comes from the merged file's metadata
+    load_weights(model, out / "merged.safetensors")  # strict
+    return model.state_dict()
+
+
+def test_zero_to_fp32_merge_round_trip_is_bit_exact(trained, init_ckpt, tmp_path, caplog):
+    out, cfg, trainer = trained
+    merged = _zero_to_merged(out / "checkpoints" / "step=4.ckpt", init_ckpt, tmp_path)
+    live = trainer.lightning_module.net.state_dict()
+    assert set(merged) == set(live)
+    for key, value in live.items():
+        assert torch.equal(merged[key], value.cpu()), key
+    # Frozen weights came through training untouched: the merge replaced exactly the trained set.
+    trainable = set(meta_model(cfg.model).configure_trainable(cfg.method.sd_locked))
+    init = load_state_dict(init_ckpt)
+    changed = {k for k in init if not torch.equal(init[k], merged[k])}
+    assert changed and changed <= trainable
+    assert "outside the trainable set" not in caplog.text
+
+
+def test_zero_to_fp32_refuses_foreign_pickles(trained, tmp_path, caplog):
+    import shutil
+
+    out, _, _ = trained
+    ckpt = tmp_path / "step=4.ckpt"
+    shutil.copytree(out / "checkpoints" / "step=4.ckpt", ckpt)
+    states = next(ckpt.rglob("mp_rank_00_model_states.pt"))
+    obj = torch.load(states, weights_only=False)  # our own file, written by the fixture above
+    obj["client_note"] = _Payload()
+    torch.save(obj, states)
+    target = tmp_path / "t.safetensors"
+    assert zero_tool.main([str(ckpt), str(target)]) == 1
+    assert "posixpath.join" in caplog.text and "--unsafe-pickle" in caplog.text and not target.exists()
+    assert zero_tool.main([str(ckpt), str(target), "--unsafe-pickle", "--config", str(out / "config.yaml")]) == 0
+    assert zero_tool.main([str(tmp_path / "missing.ckpt"), str(tmp_path / "x.safetensors")]) == 1
+    assert zero_tool.main([str(tmp_path), str(tmp_path / "x.safetensors")]) == 1  # no checkpoint in there
+    assert zero_tool.main([str(ckpt), str(target)]) == 1  # exists, no --force
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "x.safetensors").exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.path.join, ("a", "b"))
 
 
 def test_logged_terms_follow_the_configured_schedule(trained):
@@ -131,15 +202,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_zero2_via_cli(tmp_path):
+def test_two_ranks_zero2_via_cli(tmp_path, init_ckpt):
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     env["MASTER_PORT"] = str(_free_port())
     cmd = [sys.executable, str(REPO / "tutorial_train.py"), "--config", str(TINY),
-           *_overrides(tmp_path, steps=2, **{"train.devices": 2, "train.image_log_every": 0})]
+           *_overrides(tmp_path, steps=2, **{"train.devices": 2, "train.image_log_every": 0,
+                                             "train.init_ckpt": init_ckpt})]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = tmp_path / "checkpoints" / "step=2.ckpt"
     tag = (ckpt / "latest").read_text().strip()
     shards = sorted(p.name for p in (ckpt / tag).glob("zero_pp_rank_*_optim_states.pt"))
     assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    assert any(k.startswith("net.model.diffusion_model.") for k in zero_checkpoint_to_state_dict(ckpt))
+    # Both optimizer shards consolidated, merged, loaded strictly: equal to the live weights rank 0 saved.
+    merged = _zero_to_merged(ckpt, init_ckpt, tmp_path)
+    module = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]  # our own file
+    live = training_to_model_keys(module)
+    assert set(merged) == set(live)
+    for key, value in live.items():
+        assert torch.equal(merged[key], value), key

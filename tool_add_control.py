@@ -1,0 +1,8 @@
+"""Build the initial ControlNet checkpoint from SD1.5 weights: `python tool_add_control.py SD_CKPT OUT` (see --help)."""
+
+import sys
+
+from tools.add_control import main
+
+if __name__ == "__main__":
+    sys.exit(main())

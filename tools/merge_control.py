@@ -1,0 +1,96 @@
+"""``tool_merge_control.py``: overlay trained weights on a base checkpoint → one inference checkpoint.
+
+    python tool_merge_control.py --base models/control_sd15_dhi_ini.safetensors --trained trained.safetensors \\
+        --out merged.safetensors
+    python tool_merge_control.py --base merged.safetensors --trained trained.safetensors --out shared.safetensors \\
+        --only-trainable
+
+BASE is a full checkpoint under the original key names (the output of tool_add_control.py, or any SD1.5 +
+ControlNet checkpoint); TRAINED is the output of zero_to_fp32.py, an EMA export (``ema_trainable.safetensors``) or
+a file written by ``--only-trainable``. Every trained key must exist in the base with the same shape. The merged
+file is checked to load strictly into the model of the config (``--config``, else the one the trained or base file
+carries in its metadata) and carries that config in its metadata, so tutorial_inference.py needs no --config.
+``--only-trainable`` writes just the trainable set (ControlNet with its hint encoder, plus the UNet decoder unless
+``method.sd_locked``) for sharing; merge it onto SD1.5 + control again with this tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from ldm.checkpoint import load_state_dict, read_metadata, save_state_dict
+
+from cldm.convert import check_against_model, expected_state, merge_weights, select
+from siamese.config import ConfigError, ExperimentConfig, checkpoint_metadata, config_from_metadata, load_config
+from siamese.factory import meta_model
+from tools._cli import add_common_flags, check_output, list_keys, run
+
+logger = logging.getLogger("siamese.merge_control")
+
+
+def resolve_config(explicit: Path | None, *checkpoints: Path) -> tuple[ExperimentConfig, str]:
+    """``--config`` if given, else the first config a checkpoint carries in its metadata."""
+    if explicit is not None:
+        return load_config(explicit), str(explicit)
+    for path in checkpoints:
+        cfg = config_from_metadata(read_metadata(path), str(path))
+        if cfg is not None:
+            return cfg, f"{path} (metadata)"
+    raise ConfigError(f"no config: none of {', '.join(map(str, checkpoints))} carries one in its metadata; "
+                      "pass --config")
+
+
+def trainable_names(cfg: ExperimentConfig) -> list[str]:
+    """The trainable parameter names (original layout) of the config's method."""
+    return meta_model(cfg.model).configure_trainable(cfg.method.sd_locked)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tool_merge_control.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--base", type=Path, required=True, help="full checkpoint to overlay onto")
+    p.add_argument("--trained", type=Path, required=True, help="trained weights (zero_to_fp32.py output, EMA, ...)")
+    p.add_argument("--out", type=Path, required=True, help="output file (.safetensors, or .ckpt/.pt/.pth)")
+    p.add_argument("--only-trainable", action="store_true",
+                   help="write only the trainable set (ControlNet + hint encoder + UNet decoder) for sharing")
+    p.add_argument("--config", type=Path, help="experiment config (default: from the trained/base metadata)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    add_common_flags(p)
+    return p.parse_args(argv)
+
+
+def _body(args: argparse.Namespace) -> int:
+    out = check_output(args.out, force=args.force)
+    cfg, cfg_source = resolve_config(args.config, args.trained, args.base)
+    start = time.perf_counter()
+    trained = load_state_dict(args.trained, unsafe_pickle=args.unsafe_pickle)
+    base = load_state_dict(args.base, unsafe_pickle=args.unsafe_pickle)
+    merged, report = merge_weights(base, trained, base_name=str(args.base), trained_name=str(args.trained))
+    del base
+    check_against_model(merged, expected_state(meta_model(cfg.model)), f"merged {args.base} + {args.trained}")
+    trainable = trainable_names(cfg)
+    frozen_changed = [k for k in report.replaced if k not in set(trainable)]
+    if frozen_changed:
+        logger.warning("%d replaced keys lie outside the trainable set (e.g. %s): frozen weights of the base "
+                       "changed (a bf16 run stores them rounded; other base weights?)", len(frozen_changed),
+                       frozen_changed[0])
+    list_keys("replaced", report.replaced, args.verbose)
+    list_keys("equal to the base", report.same, args.verbose)
+    list_keys("ignored base keys dropped", report.dropped, args.verbose)
+    kind = "merged"
+    if args.only_trainable:
+        merged, kind = select(merged, trainable), "trainable"
+    metadata = checkpoint_metadata(cfg, kind, base=args.base.name, trained=args.trained.name)
+    save_state_dict(merged, out, metadata=metadata, overwrite=args.force)
+    logger.info("wrote %s (%s, %d tensors; config from %s) in %.1f s: %s", out, kind, len(merged), cfg_source,
+                time.perf_counter() - start, report.summary())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run(_body, args)
