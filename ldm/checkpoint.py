@@ -222,10 +222,12 @@ def save_state_dict(
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
         raise PermissionError(f"cannot save {path}: directory {directory} is not writable ({exc.strerror})") from None
+    mode = os.fstat(fd).st_mode & 0o777  # what the umask allows; safetensors writes via its own 0600 temp file
     try:
         if suffix in SAFETENSORS_SUFFIXES:
             os.close(fd)
             save_file(_safetensors_ready(sd), tmp, metadata=dict(metadata) if metadata else None)
+            os.chmod(tmp, mode)
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
         else:

@@ -103,6 +103,16 @@ def test_metadata_round_trip(tmp_path: Path) -> None:
         save_state_dict(_sd(), tmp_path / "bad.safetensors", metadata={"step": 12})  # type: ignore[dict-item]
 
 
+def test_saved_file_permissions_follow_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        for name in ("a.safetensors", "a.ckpt"):
+            path = save_state_dict({"w": torch.zeros(2)}, tmp_path / name)
+            assert path.stat().st_mode & 0o777 == 0o644, name  # not safetensors' private 0600 temp-file mode
+    finally:
+        os.umask(old)
+
+
 def test_overwrite_refused_unless_asked(tmp_path: Path) -> None:
     path = save_state_dict({"w": torch.zeros(2)}, tmp_path / "m.safetensors")
     with pytest.raises(FileExistsError, match="m.safetensors"):
