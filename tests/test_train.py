@@ -145,6 +145,20 @@ def test_zero_to_fp32_refuses_foreign_pickles(trained, tmp_path, caplog):
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "x.safetensors").exists()
 
 
+def test_zero_to_fp32_reads_single_file_lightning_checkpoints(trained, tmp_path):
+    """Strategy ddp/auto writes one .ckpt file: the LightningModule state nested in it, plus numpy RNG state."""
+    import numpy as np
+
+    out, _, trainer = trained
+    module_state = trainer.lightning_module.state_dict()
+    torch.save({"state_dict": module_state, "global_step": 4, "rng": np.random.get_state()}, tmp_path / "s.ckpt")
+    target = tmp_path / "t.safetensors"
+    assert zero_tool.main([str(tmp_path / "s.ckpt"), str(target), "--config", str(out / "config.yaml")]) == 0
+    converted = load_state_dict(target)
+    expected = training_to_model_keys(module_state)
+    assert set(converted) == set(expected) and all(torch.equal(converted[k], v) for k, v in expected.items())
+
+
 class _Payload:
     def __reduce__(self):
         return (os.path.join, ("a", "b"))
