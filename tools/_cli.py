@@ -20,6 +20,13 @@ EXIT_USAGE = 2  # bad configuration or arguments
 EXIT_FAILURE = 1  # bad input files, refused writes
 
 
+def make_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is the module docstring's first paragraph and whose epilog is the rest."""
+    head, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(prog=prog, description=head, epilog=rest,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unsafe-pickle", action="store_true",
                         help="allow pickled checkpoints holding arbitrary Python objects (trusted files only)")

@@ -21,16 +21,14 @@ from ldm.checkpoint import load_state_dict, save_state_dict
 from cldm.convert import add_control, expected_state, fresh_control_weights
 from siamese.config import checkpoint_metadata, load_config
 from siamese.factory import meta_model
-from tools._cli import add_common_flags, check_output, list_keys, run
+from tools._cli import add_common_flags, check_output, list_keys, make_parser, run
 
 logger = logging.getLogger("siamese.add_control")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "siamese_sd15.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tool_add_control.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = make_parser("tool_add_control.py", __doc__)
     p.add_argument("sd_ckpt", type=Path, help="Stable Diffusion 1.x checkpoint (.safetensors, .ckpt, .pt, .pth)")
     p.add_argument("out", type=Path, help="output checkpoint (.safetensors, or .ckpt/.pt/.pth)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,

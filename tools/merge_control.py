@@ -26,7 +26,7 @@ from ldm.checkpoint import load_state_dict, read_metadata, save_state_dict
 from cldm.convert import check_against_model, expected_state, merge_weights, select
 from siamese.config import ConfigError, ExperimentConfig, checkpoint_metadata, config_from_metadata, load_config
 from siamese.factory import meta_model
-from tools._cli import add_common_flags, check_output, list_keys, run
+from tools._cli import add_common_flags, check_output, list_keys, make_parser, run
 
 logger = logging.getLogger("siamese.merge_control")
 
@@ -49,9 +49,7 @@ def trainable_names(cfg: ExperimentConfig) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tool_merge_control.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = make_parser("tool_merge_control.py", __doc__)
     p.add_argument("--base", type=Path, required=True, help="full checkpoint to overlay onto")
     p.add_argument("--trained", type=Path, required=True, help="trained weights (zero_to_fp32.py output, EMA, ...)")
     p.add_argument("--out", type=Path, required=True, help="output file (.safetensors, or .ckpt/.pt/.pth)")

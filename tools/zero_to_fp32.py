@@ -25,7 +25,7 @@ from cldm.convert import check_against_model, expected_state, to_float32, traini
 from cldm.strategy import ZERO_PICKLE_GLOBALS, zero_checkpoint_to_state_dict
 from siamese.config import ExperimentConfig, checkpoint_metadata, load_config
 from siamese.factory import meta_model
-from tools._cli import add_common_flags, check_output, run
+from tools._cli import add_common_flags, check_output, make_parser, run
 from tools.train import find_latest_checkpoint
 
 logger = logging.getLogger("siamese.zero_to_fp32")
@@ -78,9 +78,7 @@ def convert(ckpt: Path, cfg: ExperimentConfig | None, *, unsafe_pickle: bool = F
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="zero_to_fp32.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = make_parser("zero_to_fp32.py", __doc__)
     p.add_argument("ckpt", type=Path, metavar="CKPT", help="ZeRO checkpoint directory, run directory or .ckpt file")
     p.add_argument("out", type=Path, metavar="OUT", help="output file (.safetensors, or .ckpt/.pt/.pth)")
     p.add_argument("--config", type=Path, help="experiment config (default: the run's config.yaml)")
