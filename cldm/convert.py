@@ -239,8 +239,11 @@ def merge_weights(base: Mapping[str, Tensor], trained: Mapping[str, Tensor], *, 
     """
     unknown = [k for k in trained if k not in base]
     if unknown:
+        hint = ("; --base has no ControlNet: pass the tool_add_control.py output" if
+                any(k.startswith(CONTROL_PREFIX) for k in unknown) and
+                not any(k.startswith(CONTROL_PREFIX) for k in base) else "")
         raise CheckpointKeyError(f"{trained_name}: {len(unknown)} keys do not exist in {base_name} "
-                                 f"({_names(unknown)})")
+                                 f"({_names(unknown)}){hint}")
     wrong = [f"{k}: {list(v.shape)} vs {list(base[k].shape)}" for k, v in trained.items()
              if tuple(v.shape) != tuple(base[k].shape)]
     if wrong:
