@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ldm.autoencoder import AutoencoderKL, IdentityFirstStage
-from ldm.sampler import cfg_denoiser, ddim_sample
+from ldm.sampler import Generators, cfg_denoiser, ddim_sample
 from ldm.schedule import BUFFER_NAMES, Schedule
 from ldm.text_encoder import FrozenCLIPTextEncoder, open_clip_to_sd15, sd15_to_open_clip
 from ldm.unet import UNetModel
@@ -128,17 +128,23 @@ class ControlLDM(nn.Module):
 
     @torch.no_grad()
     def sample(self, hint: Tensor, prompts: Sequence[str], *, steps: int = 50, cfg_scale: float = 9.0,
-               eta: float = 0.0, generator: torch.Generator | None = None, x_T: Tensor | None = None,
-               batched_cfg: bool = True, progress: bool = False) -> Tensor:
+               eta: float = 0.0, generator: Generators = None, x_T: Tensor | None = None,
+               batched_cfg: bool = True, progress: bool = False, context: Tensor | None = None,
+               uncond_context: Tensor | None = None) -> Tensor:
         """Mask-conditioned DDIM sampling → images in [-1, 1].
 
         Classifier-free guidance on the text only: the unconditional input is the empty prompt with the *same*
-        hint, ``ε = ε(z, "", h) + s · (ε(z, τ, h) − ε(z, "", h))`` (the released protocol).
+        hint, ``ε = ε(z, "", h) + s · (ε(z, τ, h) − ε(z, "", h))`` (the released protocol). ``generator`` may be
+        one per sample (see ``ddim_sample``); ``context`` / ``uncond_context`` are text contexts already encoded
+        (of ``prompts`` / of ""), e.g. cached by a caller that samples many batches with few prompts.
         """
         hint = hint.to(self.betas.device)
         b, _, h, w = hint.shape
-        cond = {"context": self.encode_prompts(prompts), "hint": hint}
-        uncond = {"context": self.encode_prompts([""] * b), "hint": hint} if cfg_scale != 1.0 else None
+        cond = {"context": self.encode_prompts(prompts) if context is None else context, "hint": hint}
+        uncond = None
+        if cfg_scale != 1.0:
+            uncond = {"context": self.encode_prompts([""] * b) if uncond_context is None else uncond_context,
+                      "hint": hint}
         denoise = cfg_denoiser(self.denoise, uncond, cfg_scale, batched=batched_cfg)
         shape = (b, self.unet.config.in_channels, h // HINT_DOWNSAMPLE, w // HINT_DOWNSAMPLE)
         z = ddim_sample(denoise, shape, cond, self.schedule, steps=steps, eta=eta, generator=generator, x_T=x_T,

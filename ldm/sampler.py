@@ -74,9 +74,18 @@ def cfg_denoiser(fn: DenoiseFn, uncond: Any, scale: float, batched: bool = True)
     return denoise_cfg
 
 
-def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for the whole batch, one per sample (row ``i`` of every draw comes from ``generator[i]``, so a
+sample's noise does not depend on the batch it is in), or None for the global RNG."""
+
+
+def _randn(shape: Sequence[int], generator: Generators, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Standard normal noise; drawn in float32 on the generator's device (so a seed gives the same numbers
-    whatever the target dtype/device), then moved."""
+    whatever the target dtype/device), then moved. A sequence of generators draws one batch row from each."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"ddim_sample: {len(generator)} generators for a batch of {shape[0]} (one per sample)")
+        return torch.stack([_randn(shape[1:], g, device, dtype) for g in generator])
     draw_device = generator.device if generator is not None else device
     z = torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=torch.float32)
     return z.to(device=device, dtype=dtype)
@@ -90,7 +99,7 @@ def ddim_sample(
     schedule: Schedule,
     steps: int = 50,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     x_T: Tensor | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -100,7 +109,8 @@ def ddim_sample(
     """DDIM from ``x_T`` (or fresh noise of ``shape``) down the uniform DDIM timesteps, high to low.
 
     ``device`` defaults to ``x_T``'s device, else CPU. Noise (``x_T`` and, for ``eta > 0``, the per-step noise) comes
-    from ``generator`` (global RNG if None). ``callback(i, t, x)`` gets the step index, timestep and the new latent.
+    from ``generator`` (global RNG if None; a list of generators, one per sample, makes each sample's noise
+    independent of its batch). ``callback(i, t, x)`` gets the step index, timestep and the new latent.
     Runs under ``no_grad``.
     """
     if device is None:

@@ -18,6 +18,7 @@ logger = logging.getLogger("siamese.tools")
 
 EXIT_USAGE = 2  # bad configuration or arguments
 EXIT_FAILURE = 1  # bad input files, refused writes
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
 def make_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -46,6 +47,9 @@ def run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     setup_logging(getattr(args, "verbose", False))
     try:
         return body(args)
+    except KeyboardInterrupt:
+        logger.error("interrupted: finished outputs are kept, nothing half-written is left; re-run to resume")
+        return EXIT_INTERRUPTED
     except ConfigError as exc:
         logger.error("%s", exc, exc_info=args.verbose)
         return EXIT_USAGE

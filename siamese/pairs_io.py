@@ -1,0 +1,208 @@
+"""Writing sampled image-mask pairs: atomic files, a shared JSONL manifest, resume, and an overview grid.
+
+Output layout (the one ``tutorial_inference.py`` promises): ``OUT/images/NAME_kK.png`` (RGB), ``OUT/masks/NAME_kK.png``
+(single channel, exactly 0/255) and ``OUT/manifest.jsonl``, one JSON line per pair. Each file is written under a
+temporary name and renamed, image first, then mask, then the manifest line; a pair counts as complete only when all
+three exist, so a crash at any point leaves at most files that a re-run regenerates, never a half pair in the
+manifest. Several processes (``--shard i/n``) share one OUT: every manifest line goes out as a single ``os.write`` on
+an ``O_APPEND`` descriptor under an exclusive ``flock`` after reading what the others appended, so lines never
+interleave and no pair gets two lines. A resumed run refuses an OUT whose
+manifest was written with other settings (checkpoint, config, seed, steps, …) instead of mixing the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from siamese.masks import mask_to_png, resize_mask
+from siamese.sampling import SampledPair, WorkItem
+
+try:  # POSIX; elsewhere lines are still appended with one write each, without the advisory lock
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+__all__ = ["GRID_NAME", "IMAGES_DIR", "MANIFEST_NAME", "MASKS_DIR", "PairWriter", "file_sha256", "read_manifest",
+           "write_grid", "write_png_atomic"]
+
+logger = logging.getLogger(__name__)
+
+IMAGES_DIR, MASKS_DIR, MANIFEST_NAME, GRID_NAME = "images", "masks", "manifest.jsonl", "grid.png"
+# Per-item keys of a manifest line that a resumed run must reproduce exactly (run-wide keys are compared too).
+ITEM_KEYS = ("source_name", "k", "seed", "prompt")
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 16 << 20) -> str:
+    """SHA-256 of a file, streamed in chunks (checkpoints are several GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_png_atomic(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 gray (H×W) or RGB (H×W×3) image as PNG via a temporary name unique to this process."""
+    bgr = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array
+    ok, encoded = cv2.imencode(".png", bgr)
+    if not ok:
+        raise OSError(f"cannot encode PNG for {path}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    try:
+        encoded.tofile(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _parse_lines(data: bytes, where: Path, records: dict[str, dict[str, Any]]) -> None:
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records[str(record["name"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError):
+            logger.warning("%s: ignoring a line that is not a manifest record: %.80s", where, line)
+
+
+def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's records by pair name (the last line wins); unparseable lines are skipped with a warning."""
+    records: dict[str, dict[str, Any]] = {}
+    if Path(path).is_file():
+        _parse_lines(Path(path).read_bytes(), Path(path), records)
+    return records
+
+
+def _resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    if rgb.shape[:2] == (height, width):
+        return rgb
+    shrinking = rgb.shape[0] >= height and rgb.shape[1] >= width
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+class PairWriter:
+    """Writes pairs into ``out_dir`` and knows which are complete. ``run_info`` (JSON-able settings shared by every
+    pair: steps, cfg, checkpoint hash, …) goes into each manifest line and must match an existing manifest's;
+    ``info`` goes into each line without being compared."""
+
+    def __init__(self, out_dir: str | Path, run_info: Mapping[str, Any], *, keep_size: bool = False,
+                 info: Mapping[str, Any] | None = None) -> None:
+        self.out = Path(out_dir)
+        # Through JSON once, so values compare equal to what a manifest line reads back (tuples become lists).
+        self.run_info = json.loads(json.dumps({**run_info, "keep_size": bool(keep_size)}))
+        self.info = dict(info or {})  # written into each line but not compared on resume (e.g. the batch size)
+        self.keep_size = keep_size
+        for sub in (IMAGES_DIR, MASKS_DIR):
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.out / MANIFEST_NAME
+        self.recorded: dict[str, dict[str, Any]] = {}  # by name; grows with lines appended by any process
+        self._offset = 0  # bytes of the manifest already parsed into `recorded`
+        if self.manifest_path.is_file():
+            data = self.manifest_path.read_bytes()
+            _parse_lines(data, self.manifest_path, self.recorded)
+            self._offset = len(data)
+
+    def paths(self, name: str) -> tuple[Path, Path]:
+        return self.out / IMAGES_DIR / f"{name}.png", self.out / MASKS_DIR / f"{name}.png"
+
+    def record(self, item: WorkItem) -> dict[str, Any]:
+        image, mask = self.paths(item.name)
+        return {"name": item.name, "image": str(image.relative_to(self.out)), "mask": str(mask.relative_to(self.out)),
+                "source": str(item.source.path), "source_name": item.source.name, "prompt": item.source.prompt,
+                "k": item.k, "seed": item.seed, **self.run_info, **self.info}
+
+    def check_compatible(self, items: Sequence[WorkItem]) -> None:
+        """Refuse (one line) an OUT whose manifest holds pairs made with other settings than this run's."""
+        expected = {item.name: self.record(item) for item in items}
+        for name, old in self.recorded.items():
+            keys = list(self.run_info) + (list(ITEM_KEYS) if name in expected else [])
+            new = expected.get(name, self.run_info)
+            for key in keys:
+                if not _same(old.get(key), new.get(key)):
+                    raise ValueError(f"{self.manifest_path}: pair {name} was made with {key}={old.get(key)!r}, this "
+                                     f"run has {key}={new.get(key)!r}; use another --out (or the same settings)")
+
+    def is_complete(self, name: str) -> bool:
+        """Image, mask and manifest line all present (as far as this writer has read the manifest)."""
+        image, mask = self.paths(name)
+        return name in self.recorded and image.is_file() and mask.is_file()
+
+    def write(self, pair: SampledPair) -> dict[str, Any]:
+        """Image, then mask, then (unless already recorded) the manifest line. Returns the record."""
+        image_path, mask_path = self.paths(pair.item.name)
+        image, mask01 = pair.image, pair.mask01
+        if self.keep_size:
+            height, width = pair.source_mask01.shape
+            image = _resize_rgb(image, height, width)
+            mask01 = resize_mask(pair.source_mask01, (height, width))
+        write_png_atomic(image_path, image)
+        write_png_atomic(mask_path, mask_to_png(mask01))
+        record = self.record(pair.item)
+        self._append(record)
+        return record
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """Append the record's line unless its pair is already recorded (by this or another process).
+
+        Under an exclusive ``flock``: parse what other processes appended since the last look, then one ``os.write``
+        on an ``O_APPEND`` descriptor, so lines never interleave and a pair never gets two lines.
+        """
+        fd = os.open(self.manifest_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            end = os.fstat(fd).st_size
+            if end > self._offset:
+                _parse_lines(os.pread(fd, end - self._offset, self._offset), self.manifest_path, self.recorded)
+            if record["name"] in self.recorded:
+                self._offset = end
+                return
+            data = (json.dumps(record) + "\n").encode("utf-8")
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                data = b"\n" + data  # a torn last line (foreign writer, full disk): do not glue ours onto it
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(f"{self.manifest_path}: short write ({written} of {len(data)} bytes)")
+            self._offset = end + written
+            self.recorded[record["name"]] = record
+        finally:
+            os.close(fd)  # closing releases the lock
+
+
+def write_grid(out_dir: str | Path, names: Sequence[str], cell: int = 128, per_row: int = 4) -> Path | None:
+    """``OUT/grid.png``: the given pairs that exist on disk as (mask | image) tiles, ``per_row`` pairs a row."""
+    out = Path(out_dir)
+    tiles = []
+    for name in names:
+        image = cv2.imread(str(out / IMAGES_DIR / f"{name}.png"), cv2.IMREAD_COLOR)
+        mask = cv2.imread(str(out / MASKS_DIR / f"{name}.png"), cv2.IMREAD_GRAYSCALE)
+        if image is None or mask is None:
+            continue
+        mask = cv2.resize(mask, (cell, cell), interpolation=cv2.INTER_NEAREST)
+        image = cv2.resize(image, (cell, cell), interpolation=cv2.INTER_AREA)
+        tiles.append(np.concatenate([cv2.cvtColor(mask, cv2.COLOR_GRAY2BGR), image], axis=1))
+    if not tiles:
+        return None
+    per_row = max(1, min(per_row, len(tiles)))
+    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % per_row)
+    rows = [np.concatenate(tiles[i:i + per_row], axis=1) for i in range(0, len(tiles), per_row)]
+    path = out / GRID_NAME
+    write_png_atomic(path, cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_BGR2RGB))
+    return path

@@ -1,0 +1,210 @@
+"""``tutorial_inference.py``: sample synthetic image-mask pairs from a merged Siamese-Diffusion checkpoint.
+
+    python tutorial_inference.py --ckpt merged.safetensors --masks data/polyps/masks --out synth/
+    python tutorial_inference.py --config configs/siamese_sd15.yaml --ckpt merged.safetensors \\
+        --masks data/polyps/prompt.json --out synth/ --n-per-mask 4 --mask-mode random --batch-size 8
+    python tutorial_inference.py ... --shard 0/4 --device cuda:0     # process 0 of 4 (e.g. one per GPU)
+
+Mask-only sampling (the Mask-Diffusion branch): DDIM with classifier-free guidance on the text, the unconditional
+input being the empty prompt with the same mask. Writes OUT/images/NAME_kK.png, OUT/masks/NAME_kK.png (0/255) and
+OUT/manifest.jsonl; re-running the same command skips complete pairs (resume), and n processes with --shard i/n can
+share one OUT. The config comes from --config or, when omitted, from the checkpoint's metadata (merged checkpoints
+written by tool_merge_control.py carry it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from ldm.checkpoint import CheckpointKeyError, read_metadata
+
+import torch
+from tqdm.auto import tqdm
+
+from siamese.config import (
+    METADATA_CONFIG,
+    ConfigError,
+    ExperimentConfig,
+    config_from_metadata,
+    config_hash,
+    load_config,
+)
+from siamese.factory import build_model, load_weights
+from siamese.masks import MaskAugment
+from siamese.pairs_io import PairWriter, file_sha256, write_grid
+from siamese.sampling import (
+    MASK_MODES,
+    PRECISIONS,
+    autocast_context,
+    batches,
+    check_masks,
+    collect_masks,
+    make_items,
+    parse_shard,
+    sample_pairs,
+    shard_items,
+)
+from tools._cli import add_common_flags, make_parser
+from tools._cli import run as run_cli
+
+logger = logging.getLogger("siamese.inference")
+
+
+def resolve_config(config: Path | None, overrides: list[str], ckpt: Path) -> ExperimentConfig:
+    """--config (+ overrides) if given, else the config in the checkpoint's metadata; warns when both disagree."""
+    meta = read_metadata(ckpt)  # FileNotFoundError (one line) for a missing checkpoint
+    embedded = config_from_metadata(meta, str(ckpt))
+    if config is None:
+        if embedded is None:
+            raise ConfigError(f"no --config given and {ckpt} carries no config in its metadata ({METADATA_CONFIG}): "
+                              f"pass --config")
+        return load_config(None, overrides, text=meta[METADATA_CONFIG], where=f"{ckpt} (metadata)")
+    cfg = load_config(config, overrides)
+    if embedded is not None and config_hash(embedded) != config_hash(cfg):
+        logger.warning("--config %s differs from the config stored in %s (hash %s vs %s); using --config", config,
+                       ckpt, config_hash(cfg), config_hash(embedded))
+    return cfg
+
+
+def check_shard_layout(writer: PairWriter, shards: int, batch_size: int) -> None:
+    """Shards split whole batches of the work list: processes sharing an OUT need the same n and --batch-size."""
+    if shards == 1:
+        return  # a single process covers every pair; it may finish what any earlier layout left
+    for record in writer.recorded.values():
+        old = (record.get("shards", 1), record.get("batch_size"))
+        if old[0] > 1 and old != (shards, batch_size):
+            raise ValueError(f"{writer.manifest_path}: pair {record['name']} comes from --shard i/{old[0]} with "
+                             f"--batch-size {old[1]}; all shards of one OUT need the same n and --batch-size "
+                             f"(this run: {shards}, {batch_size})")
+
+
+def default_device() -> torch.device:
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return torch.device(accelerator) if accelerator is not None else torch.device("cpu")
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    """The command behind main(); returns the summary (generated, skipped, sampling seconds)."""
+    cfg = resolve_config(args.config, args.overrides, args.ckpt)
+    steps = args.steps if args.steps is not None else cfg.sample.steps
+    cfg_scale = args.cfg if args.cfg is not None else cfg.sample.cfg_scale
+    eta = args.eta if args.eta is not None else cfg.sample.eta
+    if not 1 <= steps <= cfg.model.schedule.timesteps:
+        raise ValueError(f"--steps must be in [1, {cfg.model.schedule.timesteps}], got {steps}")
+    if eta < 0 or cfg_scale < 0 or args.batch_size < 1:
+        raise ValueError(f"need --eta >= 0, --cfg >= 0, --batch-size >= 1 (got {eta}, {cfg_scale}, {args.batch_size})")
+    device = torch.device(args.device) if args.device else default_device()
+    autocast_context(device, args.precision)  # refuse an unsupported precision before any work
+    augment = MaskAugment(flip_p=args.flip_p, vflip_p=args.vflip_p, scale_range=tuple(args.scale_range),
+                          shift_frac=args.shift_frac)
+
+    sources = collect_masks(args.masks, default_prompt=cfg.sample.prompt, prompt_override=args.prompt)
+    every = make_items(sources, args.n_per_mask, args.seed, args.limit)
+    shard = parse_shard(args.shard) if args.shard else (0, 1)
+    items = shard_items(every, *shard, batch_size=args.batch_size)
+    run_info = {"base_seed": args.seed, "steps": steps, "cfg": float(cfg_scale), "eta": float(eta),
+                "mask_mode": args.mask_mode, "augment": vars(augment) if args.mask_mode == "random" else None,
+                "precision": args.precision, "ckpt_sha256": "", "config_hash": config_hash(cfg)}
+    writer = PairWriter(args.out, run_info, keep_size=args.keep_size,
+                        info={"batch_size": args.batch_size, "shards": shard[1]})
+    check_shard_layout(writer, shard[1], args.batch_size)
+    todo = [item for item in items if not writer.is_complete(item.name)]
+    # Whole batches are re-run (complete pairs in them are recomputed, not rewritten) so each pair keeps its batch
+    # and position: a regenerated file is then bit-identical to the one an uninterrupted run writes.
+    todo_names = {item.name for item in todo}
+    rerun = [item for batch in batches(items, args.batch_size) if todo_names & {i.name for i in batch}
+             for item in batch]
+    logger.info("%d masks × %d = %d pairs%s; shard %d/%d: %d pairs, %d already complete, %d to generate",
+                len(sources), args.n_per_mask, len(every), f" (--limit {args.limit})" if args.limit else "", *shard,
+                len(items), len(items) - len(todo), len(todo))
+    check_masks(todo)
+    logger.info("hashing %s", args.ckpt)
+    writer.run_info["ckpt_sha256"] = file_sha256(args.ckpt)
+    writer.check_compatible(items)
+
+    seconds = 0.0
+    if todo:
+        with torch.device(device):  # initialise directly on the device: no host copy of a second model
+            model = build_model(cfg.model)
+        try:
+            load_weights(model, args.ckpt, unsafe_pickle=args.unsafe_pickle)
+        except CheckpointKeyError as exc:
+            raise CheckpointKeyError(f"{args.ckpt}: {exc}") from None
+        model.eval().requires_grad_(False)
+        start = time.perf_counter()  # sampling only: model building and loading are not part of the rate
+        pairs = sample_pairs(model, rerun, hint_size=cfg.hint_size, steps=steps, cfg_scale=cfg_scale, eta=eta,
+                             batch_size=args.batch_size, mask_mode=args.mask_mode, augment=augment,
+                             precision=args.precision, batched_cfg=not args.separate_cfg)
+        for pair in tqdm(pairs, total=len(rerun), unit="pair", desc="sampling", disable=args.no_progress or None):
+            if pair.item.name in todo_names:
+                writer.write(pair)
+        seconds = time.perf_counter() - start
+    if args.grid:
+        grid = write_grid(args.out, [item.name for item in every[:args.grid]], cell=min(cfg.data.resolution, 256))
+        logger.info("grid of the first pairs: %s", grid)
+    rate = len(todo) / seconds if todo and seconds > 0 else 0.0
+    logger.info("done: %d generated, %d skipped (already complete), sampling %.1f s, %.3f pairs/s → %s", len(todo),
+                len(items) - len(todo), seconds, rate, args.out)
+    if len(rerun) > len(todo):
+        logger.info("%d complete pairs were recomputed (not rewritten) to keep batches as in an uninterrupted run",
+                    len(rerun) - len(todo))
+    return {"generated": len(todo), "skipped": len(items) - len(todo), "seconds": seconds}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("tutorial_inference.py", __doc__)
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--ckpt", type=Path, required=True, help="merged checkpoint (.safetensors, or .ckpt/.pt)")
+    io.add_argument("--config", type=Path, help="experiment YAML (default: the config stored in the checkpoint)")
+    io.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.resolution=512")
+    io.add_argument("--masks", type=Path, required=True,
+                    help="folder of masks (png/jpg/jpeg/bmp/tif/tiff) or a prompt.json JSONL (source + prompt)")
+    io.add_argument("--out", type=Path, required=True, help="output folder (images/, masks/, manifest.jsonl)")
+    io.add_argument("--prompt", help="prompt for every mask (default: the config's sample.prompt for a folder, "
+                                     "each line's prompt for a JSONL)")
+    io.add_argument("--keep-size", action="store_true",
+                    help="save each pair at its source mask's size (image resized; mask = the source mask) instead "
+                         "of the model resolution")
+    io.add_argument("--grid", type=int, nargs="?", const=8, default=0, metavar="N",
+                    help="write OUT/grid.png with the first N pairs, mask | image (default N: 8)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--steps", type=int, help="DDIM steps (default: the config's sample.steps; 50 at SD1.5)")
+    s.add_argument("--cfg", type=float, help="guidance scale, uncond = empty prompt + same mask (default: "
+                                             "sample.cfg_scale, 9); 1 = conditional branch only")
+    s.add_argument("--eta", type=float, help="DDIM eta (default: sample.eta, 0)")
+    s.add_argument("--n-per-mask", type=int, default=1, metavar="N", help="pairs per mask, k = 0..N-1 (default 1)")
+    s.add_argument("--seed", type=int, default=0, help="base seed; pair k of mask NAME uses sha256(seed, NAME, k)")
+    s.add_argument("--limit", type=int, help="at most this many pairs (k = 0 for every mask first, then k = 1, …)")
+    s.add_argument("--batch-size", type=int, default=4,
+                   help="pairs per forward pass (default 4); the same sample at any size, bit-identical files need "
+                        "the same size (resume with the one you started with)")
+    s.add_argument("--separate-cfg", action="store_true",
+                   help="run the conditional and unconditional passes separately (less memory, slower)")
+    m = p.add_argument_group("masks")
+    m.add_argument("--mask-mode", choices=MASK_MODES, default="real",
+                   help="real: masks as given; random: flipped/scaled/shifted per pair (seeded), saved as used")
+    m.add_argument("--flip-p", type=float, default=0.5, help="random mode: horizontal flip probability (0.5)")
+    m.add_argument("--vflip-p", type=float, default=0.5, help="random mode: vertical flip probability (0.5)")
+    m.add_argument("--scale-range", type=float, nargs=2, default=(0.8, 1.2), metavar=("LOW", "HIGH"),
+                   help="random mode: isotropic scale range (0.8 1.2)")
+    m.add_argument("--shift-frac", type=float, default=0.1, help="random mode: max shift, fraction of the size (0.1)")
+    r = p.add_argument_group("running")
+    r.add_argument("--device", help="torch device (default: the accelerator if any, else cpu)")
+    r.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 (default), bf16 or fp16 autocast")
+    r.add_argument("--shard", metavar="i/n", help="process shard i of n (0-based); n processes share one --out")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_flags(r)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(_body, args)
+
+
+def _body(args: argparse.Namespace) -> int:
+    run(args)
+    return 0
