@@ -21,8 +21,10 @@ import torch
 from cldm.convert import training_to_model_keys
 from cldm.strategy import zero_checkpoint_to_state_dict
 from siamese.config import load_config
+from siamese.data import write_synthetic_dataset
 from siamese.factory import build_model, load_weights, meta_model
 from tools import add_control as add_control_tool
+from tools import inference as inference_tool
 from tools import merge_control as merge_tool
 from tools import train as train_tool
 from tools import zero_to_fp32 as zero_tool
@@ -123,6 +125,12 @@ def test_zero_to_fp32_merge_round_trip_is_bit_exact(trained, init_ckpt, tmp_path
     changed = {k for k in init if not torch.equal(init[k], merged[k])}
     assert changed and changed <= trainable
     assert "outside the trainable set" not in caplog.text
+    # Step 5 on the merged file: its metadata carries the config, so no --config is needed.
+    write_synthetic_dataset(tmp_path / "data", 2, 64)
+    assert inference_tool.main(["--ckpt", str(tmp_path / "merged.safetensors"), "--masks",
+                                str(tmp_path / "data" / "masks"), "--out", str(tmp_path / "synth"), "--steps", "2",
+                                "--no-progress"]) == 0
+    assert len(list((tmp_path / "synth" / "images").glob("*.png"))) == 2
 
 
 def test_zero_to_fp32_refuses_foreign_pickles(trained, tmp_path, caplog):
