@@ -46,8 +46,7 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
     note(f"building the model ({args.config.name}) on {device}")
-    with torch.device(device):
-        model = build_model(cfg.model).eval().requires_grad_(False)
+    model = build_model(cfg.model, device).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_dataset(tmp, args.batch, cfg.hint_size)

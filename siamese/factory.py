@@ -36,8 +36,15 @@ def build_first_stage(cfg: FirstStageConfig) -> AutoencoderKL | IdentityFirstSta
                          double_z=dd.double_z, scale_factor=cfg.scale_factor)
 
 
-def build_model(cfg: ModelConfig) -> ControlLDM:
-    """The full model with freshly initialised weights (load a checkpoint with ``load_weights``)."""
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> ControlLDM:
+    """The full model with freshly initialised weights (load a checkpoint with ``load_weights``).
+
+    ``device``: initialise the weights directly there (no host copy of a second model). The schedule buffers are
+    always computed on the CPU in float64, so they are moved afterwards.
+    """
+    if device is not None:
+        with torch.device(device):
+            return build_model(cfg).to(device)
     sch = cfg.schedule
     return ControlLDM(unet=UNetModel(cfg.unet), control=ControlNet(cfg.unet, cfg.control),
                       first_stage=build_first_stage(cfg.first_stage), text_encoder=FrozenCLIPTextEncoder(

@@ -54,3 +54,11 @@ def test_tiny_model_round_trips_strictly_and_trainable_sets():
     assert decoder and all(n.startswith(("model.diffusion_model.output_blocks.", "model.diffusion_model.out."))
                            for n in decoder)
     assert unlocked - decoder == set(locked)
+
+
+def test_build_model_on_a_device_puts_every_tensor_there():
+    """The schedule buffers are computed on the CPU whatever the default device: build_model(device=...) must move
+    them too, or sampling would mix devices (checked with the meta device, which every machine has)."""
+    model = build_model(load_config(CONFIGS / "siamese_tiny.yaml").model, device="meta")
+    devices = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+    assert devices == {"meta"}

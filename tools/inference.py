@@ -127,8 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
     seconds = 0.0
     if todo:
-        with torch.device(device):  # initialise directly on the device: no host copy of a second model
-            model = build_model(cfg.model)
+        model = build_model(cfg.model, device)
         try:
             load_weights(model, args.ckpt, unsafe_pickle=args.unsafe_pickle)
         except CheckpointKeyError as exc:
