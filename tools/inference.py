@@ -82,7 +82,8 @@ def check_shard_layout(writer: PairWriter, shards: int, batch_size: int) -> None
 
 
 def default_device() -> torch.device:
-    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    api = getattr(torch, "accelerator", None)  # torch >= 2.6; older releases fall back to the CPU
+    accelerator = api.current_accelerator() if api is not None and api.is_available() else None
     return torch.device(accelerator) if accelerator is not None else torch.device("cpu")
 
 
