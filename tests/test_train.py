@@ -203,6 +203,29 @@ def test_resume_latest_continues_step_count_and_schedule(trained, tmp_path):
     assert steps and min(steps) >= 2  # nothing before the checkpoint was re-run
     for row in (r for r in _metrics(run) if r.get("train/image_weight")):
         assert float(row["train/image_weight"]) == pytest.approx(int(row["step"]) / 4)
+    # Resumed mid-epoch (4 batches per epoch): same batches, noise and optimizer state as the uninterrupted run,
+    # so the same weights, bit for bit.
+    resumed, uninterrupted = trainer.lightning_module.net.state_dict(), trained[2].lightning_module.net.state_dict()
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), key
+
+
+def test_step_sampler_order_is_a_function_of_the_step():
+    from cldm.data_order import StepSampler
+
+    step = 0
+    sampler = StepSampler(10, 3, seed=1, step_source=lambda: step)
+    assert len(sampler) == 9 and sampler.batches_per_epoch() == 3  # the remainder of each epoch is dropped
+    epoch0 = list(sampler)
+    assert len(set(epoch0)) == 9
+    step = 2  # resumed after two batches: the third batch of the same permutation
+    assert list(sampler) == epoch0[6:]
+    step = 3
+    epoch1 = list(sampler)
+    assert sorted(epoch1) != epoch1 and epoch1 != epoch0  # a new permutation each epoch
+    step = 0
+    shards = [sampler.epoch_indices(0, rank, 2) for rank in range(2)]  # 2 ranks: disjoint equal shares
+    assert len(shards[0]) == len(shards[1]) == 3 and not set(shards[0]) & set(shards[1])
 
 
 def test_cli_help_dry_run_and_bad_config(capsys, tmp_path):

@@ -25,6 +25,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from cldm.callbacks import EMACallback, ImageLogger
+from cldm.data_order import StepSampler
 from cldm.lightning import ControlNetModule, TrainSettings
 from cldm.strategy import make_strategy
 from siamese.config import ConfigError, ExperimentConfig, load_config, save_config, to_yaml
@@ -95,7 +96,8 @@ def make_trainer(cfg: ExperimentConfig) -> pl.Trainer:
     return pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=t.num_nodes,
                       strategy=make_strategy(t.strategy, accelerator), precision=t.precision, max_steps=t.total_steps,
                       logger=CSVLogger(out, name="logs"), log_every_n_steps=t.log_every, callbacks=callbacks,
-                      default_root_dir=out, enable_model_summary=False, num_sanity_val_steps=0)
+                      default_root_dir=out, enable_model_summary=False, num_sanity_val_steps=0,
+                      use_distributed_sampler=False)  # StepSampler splits the data across ranks itself
 
 
 def train(cfg: ExperimentConfig, *, resume: str | None = None, unsafe_pickle: bool = False) -> pl.Trainer:
@@ -108,9 +110,15 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, unsafe_pickle: bo
     dataset = build_dataset(cfg)
     if len(dataset) < cfg.train.batch_size:
         raise ConfigError(f"the dataset has {len(dataset)} pairs, fewer than train.batch_size={cfg.train.batch_size}")
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+    # The data order is a function of (seed, global step): a resumed run continues the interrupted epoch exactly.
+    sampler = StepSampler(len(dataset), cfg.train.batch_size, cfg.train.seed)
+    # Its own generator: each new iterator draws a worker base seed from it, not from the global RNG (whose state
+    # the checkpoint restores; a draw there after restoring would shift every later noise sample).
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
     trainer = make_trainer(cfg)
+    sampler.step_source = lambda: trainer.global_step
     if cfg.train.image_log_every > 0:
         trainer.callbacks.append(ImageLogger(cfg.train.image_log_every, Path(cfg.train.output_dir) / "images",
                                              _fixed_samples(dataset, 4), cfg.sample.steps, cfg.sample.cfg_scale,
