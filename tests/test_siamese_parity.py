@@ -193,6 +193,32 @@ def test_checkpointing_gives_identical_gradients():
             torch.testing.assert_close(grads_ck[name], g, rtol=0, atol=0, msg=name)
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while ``fn`` runs."""
+    total = [0]
+
+    def pack(t: Tensor) -> Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def test_checkpointing_covers_the_hint_encoder():
+    _, control = build()
+    x = make_inputs(T_MIXED)
+    hint, t = x["mask_hint"], torch.tensor(T_MIXED)
+    z, ctx = x["z0"], x["context"]
+    hint_alone = _saved_bytes(lambda: control.input_hint_block(hint))
+    plain = _saved_bytes(lambda: control(z, hint, t, ctx))
+    control.set_gradient_checkpointing(True)
+    checkpointed = _saved_bytes(lambda: control(z, hint, t, ctx))
+    # The hint encoder's activations (the largest share at full hint resolution) are no longer kept.
+    assert plain > hint_alone > checkpointed
+
+
 # -- b. only_mid_control ------------------------------------------------------------------------------------------
 def test_only_mid_control_matches_reference():
     assert_parity(LossWeights(), SiameseRecipe(total_steps=TOTAL), LATE, T_MIXED, only_mid_control=True)
