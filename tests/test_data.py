@@ -300,3 +300,13 @@ def test_default_collate_batches_dicts() -> None:
     assert batch["image_hint"].shape == (2, 3, 32, 32)
     assert batch["prompt"] == ["A photo of a polyp."] * 2 and batch["name"] == ["synthetic_000000", "synthetic_000001"]
     assert len(list(loader)) == 3
+
+
+def test_demo_data_cli_writes_the_training_layout(tmp_path):
+    from tools import demo_data
+
+    assert demo_data.main([str(tmp_path / "demo"), "--samples", "3", "--resolution", "32"]) == 0
+    assert len(list((tmp_path / "demo" / "masks").glob("*.png"))) == 3
+    assert len(MaskImageDataset(tmp_path / "demo", 32)) == 3
+    assert demo_data.main([str(tmp_path / "demo"), "--samples", "3"]) == 1  # prompt.json exists: refused
+    assert demo_data.main([str(tmp_path / "demo"), "--samples", "3", "--force"]) == 0

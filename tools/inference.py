@@ -118,9 +118,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     todo_names = {item.name for item in todo}
     rerun = [item for batch in batches(items, args.batch_size) if todo_names & {i.name for i in batch}
              for item in batch]
+    limited = f", {len(every)} after --limit" if len(every) < len(sources) * args.n_per_mask else ""
     logger.info("%d masks × %d = %d pairs%s; shard %d/%d: %d pairs, %d already complete, %d to generate",
-                len(sources), args.n_per_mask, len(every), f" (--limit {args.limit})" if args.limit else "", *shard,
-                len(items), len(items) - len(todo), len(todo))
+                len(sources), args.n_per_mask, len(sources) * args.n_per_mask, limited, *shard, len(items),
+                len(items) - len(todo), len(todo))
     check_masks(todo)
     logger.info("hashing %s", args.ckpt)
     writer.run_info["ckpt_sha256"] = file_sha256(args.ckpt)
