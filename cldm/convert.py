@@ -213,10 +213,18 @@ def to_float32(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int]:
     return out, cast
 
 
+def _is_rounded_copy(new: Tensor, base: Tensor) -> bool:
+    """``new`` is ``base`` rounded to bf16 or fp16 and back: a frozen weight as a mixed-precision run stores it."""
+    if not (new.is_floating_point() and base.dtype == torch.float32 and new.dtype == torch.float32):
+        return False
+    return any(torch.equal(base.to(low).float(), new) for low in (torch.bfloat16, torch.float16))
+
+
 @dataclass
 class MergeReport:
     replaced: list[str] = field(default_factory=list)  # trained keys whose value differs from the base
     same: list[str] = field(default_factory=list)  # trained keys equal to the base (e.g. frozen weights)
+    rounded: list[str] = field(default_factory=list)  # trained keys = the base rounded to bf16/fp16: base kept
     kept: int = 0  # base keys the trained file does not hold
     dropped: list[str] = field(default_factory=list)  # ignored base keys (model_ema.*) left out of the output
 
@@ -227,6 +235,8 @@ class MergeReport:
         detail = ", ".join(f"{n} {p}" for p, n in groups.items())
         text = f"{len(self.replaced)} keys replaced" + (f" ({detail})" if detail else "")
         text += f", {len(self.same)} trained keys equal to the base, {self.kept} base keys kept"
+        if self.rounded:
+            text += f", {len(self.rounded)} rounded copies of base weights ignored (exact base values kept)"
         return text + (f", {len(self.dropped)} ignored base keys dropped" if self.dropped else "")
 
 
@@ -234,8 +244,9 @@ def merge_weights(base: Mapping[str, Tensor], trained: Mapping[str, Tensor], *, 
                   trained_name: str = "trained") -> tuple[dict[str, Tensor], MergeReport]:
     """Overlay ``trained`` on ``base``: every trained key must exist in the base with the same shape.
 
-    Trained values are cast to the base's dtype; ``model_ema.*`` base keys are dropped (inference never uses
-    them). Raises ``CheckpointKeyError`` naming unknown keys or wrong shapes.
+    Trained values are cast to the base's dtype; a trained value that is exactly the base value rounded to bf16 /
+    fp16 (a frozen weight of a mixed-precision run) keeps the base value; ``model_ema.*`` base keys are dropped
+    (inference never uses them). Raises ``CheckpointKeyError`` naming unknown keys or wrong shapes.
     """
     unknown = [k for k in trained if k not in base]
     if unknown:
@@ -257,7 +268,14 @@ def merge_weights(base: Mapping[str, Tensor], trained: Mapping[str, Tensor], *, 
             continue
         if key in trained:
             new, _ = _cast_like(trained[key], value)
-            (report.same if torch.equal(new, value) else report.replaced).append(key)
+            if torch.equal(new, value):
+                report.same.append(key)
+            elif _is_rounded_copy(new, value):
+                # A bf16/fp16 run keeps frozen weights in low precision; the base holds their exact values.
+                report.rounded.append(key)
+                new = value
+            else:
+                report.replaced.append(key)
             merged[key] = new
         else:
             report.kept += 1

@@ -67,8 +67,9 @@ class ControlNetModule(pl.LightningModule):
 
     def loss_terms(self, inputs: dict[str, Tensor], step: int) -> StepLoss:
         net = self.net
-        z_t = net.schedule.q_sample(inputs["z0"], inputs["t"], inputs["noise"])
-        eps = net.eps(z_t, inputs["t"], inputs["context"], inputs["mask_hint"])
+        dtype = net.unet.dtype  # no-op in fp32; bf16 under DeepSpeed's bf16 mode, which casts the whole model
+        z_t = net.schedule.q_sample(inputs["z0"], inputs["t"], inputs["noise"]).to(dtype)
+        eps = net.eps(z_t, inputs["t"], inputs["context"].to(dtype), inputs["mask_hint"].to(dtype))
         per_sample = (eps.float() - inputs["noise"].float()).pow(2).flatten(1).mean(1)
         return StepLoss(per_sample.mean(), {"loss_mask": per_sample}, {})
 

@@ -138,7 +138,7 @@ class ControlLDM(nn.Module):
         one per sample (see ``ddim_sample``); ``context`` / ``uncond_context`` are text contexts already encoded
         (of ``prompts`` / of ""), e.g. cached by a caller that samples many batches with few prompts.
         """
-        hint = hint.to(self.betas.device)
+        hint = hint.to(self.betas.device, self.unet.dtype)  # the networks' dtype (bf16 when DeepSpeed cast them)
         b, _, h, w = hint.shape
         cond = {"context": self.encode_prompts(prompts) if context is None else context, "hint": hint}
         uncond = None

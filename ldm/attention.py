@@ -32,7 +32,10 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm evaluated in float32 and cast back, as the LDM UNet does (stable under bf16/fp16 autocast)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        # Weights in float32 too: under DeepSpeed's bf16 mode they are bf16, and group_norm refuses mixed dtypes.
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:

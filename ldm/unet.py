@@ -204,6 +204,11 @@ class UNetModel(nn.Module):
         self.set_gradient_checkpointing(cfg.use_checkpoint)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype: inputs are computed in it (DeepSpeed's bf16 mode holds the whole model in bf16)."""
+        return self.out[-1].weight.dtype
+
+    @property
     def num_control_residuals(self) -> int:
         """Number of control residuals the decoder consumes (13 at SD1.5): one per skip plus the middle one."""
         return len(self.input_blocks) + 1

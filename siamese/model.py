@@ -120,7 +120,9 @@ class SiameseDiffusion:
         ``aug_noise`` is the fresh noise for L_aug when ``recipe.aug_noise == "fresh"`` (shape of ``noise``).
         """
         w, recipe = self.weights, self.recipe
-        z_t = self.schedule.q_sample(z0, t, noise)
+        dtype = self.unet.dtype  # the networks' dtype (no-op in fp32; bf16 under DeepSpeed's bf16 mode)
+        z_t = self.schedule.q_sample(z0, t, noise).to(dtype)
+        context, mask_hint, image_hint = context.to(dtype), mask_hint.to(dtype), image_hint.to(dtype)
         features = self.unet.encode(z_t, t, context)  # no autograd; shared by both branches
         image_weight = recipe.image_weight(step)
 
@@ -159,6 +161,6 @@ class SiameseDiffusion:
         t_sel, z_sel = t[gate], z_t[gate]
         with torch.no_grad():  # z_t' is a stopped input (sg in the method)
             z0_hat = self.schedule.predict_x0_from_eps(z_sel, t_sel, eps_mix[gate])
-            z_aug = self.schedule.q_sample(z0_hat, t_sel, target)
+            z_aug = self.schedule.q_sample(z0_hat, t_sel, target).to(z_sel.dtype)
         ctx, hint = context[gate], mask_hint[gate]
         return self.eps(z_aug, t_sel, ctx, self.control(z_aug, hint, t_sel, ctx)), target

@@ -182,17 +182,23 @@ def test_unwritable_output_directory(tiny, tmp_path, caplog):
 
 def test_merge_overlays_trained_keys_and_exports_trainable(tiny, tmp_path, caplog):
     root, _ = tiny
+    caplog.set_level(logging.INFO)
     init = load_state_dict(root / "init.safetensors")
     cfg = load_config(TINY)
     trainable = meta_model(cfg.model).configure_trainable(cfg.method.sd_locked)
     trained = {k: init[k] + 1.0 for k in trainable}  # an EMA export / trainable-only file
+    # A bf16 run's frozen weights come back rounded: the merge keeps the exact base values for them.
+    frozen = [k for k in init if k.startswith("first_stage_model.") and init[k].is_floating_point()]
+    trained.update({k: init[k].bfloat16().float() for k in frozen})
+    assert any(not torch.equal(trained[k], init[k]) for k in frozen)
     save_state_dict(trained, tmp_path / "trained.safetensors")  # no metadata: the config comes from the base
     merged_path = tmp_path / "merged.safetensors"
     assert merge_tool.main(["--base", str(root / "init.safetensors"), "--trained",
                             str(tmp_path / "trained.safetensors"), "--out", str(merged_path)]) == 0
     merged = load_file(merged_path)
     assert set(merged) == set(init)
-    assert all(torch.equal(merged[k], trained[k] if k in trained else init[k]) for k in merged)
+    assert all(torch.equal(merged[k], trained[k] if k in trainable else init[k]) for k in merged)
+    assert "rounded" in caplog.text and "outside the trainable set" not in caplog.text
     assert config_from_metadata(read_metadata(merged_path), "merged") == cfg
     load_weights(build_model(cfg.model), merged_path)  # strict
     share = tmp_path / "share.safetensors"

@@ -7,6 +7,7 @@ pytest process); the 2-rank run is a subprocess of the real ``tutorial_train.py`
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import socket
 import subprocess
@@ -131,6 +132,25 @@ def test_zero_to_fp32_merge_round_trip_is_bit_exact(trained, init_ckpt, tmp_path
                                 str(tmp_path / "data" / "masks"), "--out", str(tmp_path / "synth"), "--steps", "2",
                                 "--no-progress"]) == 0
     assert len(list((tmp_path / "synth" / "images").glob("*.png"))) == 2
+
+
+def test_bf16_training_round_trip_keeps_the_exact_frozen_weights(init_ckpt, tmp_path, caplog):
+    """DeepSpeed's bf16 mode holds the whole model in bf16: training and image logging must run, and the merge must
+    restore the frozen weights' exact fp32 values from the base (the ZeRO files hold them rounded)."""
+    out = tmp_path / "run"
+    cfg = load_config(TINY, _overrides(out, steps=2, **{"train.precision": "bf16-mixed",
+                                                        "train.init_ckpt": init_ckpt}))
+    train_tool.train(cfg)
+    assert (out / "images" / "step_0000002.png").is_file()
+    caplog.set_level(logging.INFO)
+    assert zero_tool.main([str(out), str(tmp_path / "t.safetensors")]) == 0
+    assert merge_tool.main(["--base", str(init_ckpt), "--trained", str(tmp_path / "t.safetensors"),
+                            "--out", str(tmp_path / "m.safetensors")]) == 0
+    init, merged = load_state_dict(init_ckpt), load_state_dict(tmp_path / "m.safetensors")
+    changed = {k for k in init if not torch.equal(init[k], merged[k])}
+    # Every frozen weight is the base's exact value; (after 2 steps, not every trainable tensor has moved yet).
+    assert changed and changed <= set(meta_model(cfg.model).configure_trainable(cfg.method.sd_locked))
+    assert "rounded" in caplog.text and "outside the trainable set" not in caplog.text
 
 
 def test_zero_to_fp32_refuses_foreign_pickles(trained, tmp_path, caplog):

@@ -73,11 +73,12 @@ def _body(args: argparse.Namespace) -> int:
     trainable = trainable_names(cfg)
     frozen_changed = [k for k in report.replaced if k not in set(trainable)]
     if frozen_changed:
-        logger.warning("%d replaced keys lie outside the trainable set (e.g. %s): frozen weights of the base "
-                       "changed (a bf16 run stores them rounded; other base weights?)", len(frozen_changed),
-                       frozen_changed[0])
+        logger.warning("%d replaced keys lie outside the trainable set of the config (e.g. %s): the trained "
+                       "file changes frozen weights of the base; is --base the checkpoint training started from?",
+                       len(frozen_changed), frozen_changed[0])
     list_keys("replaced", report.replaced, args.verbose)
     list_keys("equal to the base", report.same, args.verbose)
+    list_keys("rounded (bf16/fp16) copies of base weights, base kept", report.rounded, args.verbose)
     list_keys("ignored base keys dropped", report.dropped, args.verbose)
     kind = "merged"
     if args.only_trainable:
