@@ -133,6 +133,7 @@ def test_add_control_bad_inputs(tiny, tmp_path, caplog):
         assert not out.exists() and not _tmp_leftovers(tmp_path)
 
     refused([str(tmp_path / "nope.ckpt"), str(out), *cfg], "not found", "nope.ckpt")
+    refused([str(root / "base.ckpt"), str(tmp_path / "out.bin"), *cfg], "out.bin", "extension")
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": base, "x": _Payload()}, evil)
     refused([str(evil), str(out), *cfg], "evil.ckpt", "--unsafe-pickle")

@@ -15,6 +15,7 @@ from pathlib import Path
 from siamese.config import ConfigError
 
 logger = logging.getLogger("siamese.tools")
+WRITABLE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")  # what ldm.checkpoint.save_state_dict writes
 
 EXIT_USAGE = 2  # bad configuration or arguments
 EXIT_FAILURE = 1  # bad input files, refused writes
@@ -61,6 +62,8 @@ def run(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
 
 def check_output(path: Path, *, force: bool) -> Path:
     """Fail early (before hours of work or gigabytes of reading) if ``path`` cannot be written."""
+    if path.suffix.lower() not in WRITABLE_SUFFIXES:
+        raise ValueError(f"output {path}: unknown extension {path.suffix!r} (use {', '.join(WRITABLE_SUFFIXES)})")
     if path.is_dir():
         raise IsADirectoryError(f"output {path} is a directory; give a file name")
     if path.exists() and not force:
@@ -73,11 +76,10 @@ def check_output(path: Path, *, force: bool) -> Path:
     return path
 
 
-def list_keys(title: str, keys: list[str], verbose: bool, limit: int = 0) -> None:
+def list_keys(title: str, keys: list[str], verbose: bool) -> None:
     """Log a key category: its count, and the names with --verbose."""
     if not keys:
         return
     logger.info("%s: %d", title, len(keys))
-    if verbose or limit:
-        for key in keys if verbose else keys[:limit]:
-            logger.info("    %s", key)
+    for key in keys if verbose else ():
+        logger.info("    %s", key)
