@@ -80,3 +80,25 @@ def golden_dir() -> Path:
     if path is None:
         pytest.skip("golden values golden_tiny/ not found in ../shared/reference or ./shared/reference")
     return path
+
+
+@pytest.fixture(scope="session")
+def init_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workflow's first step at the tiny geometry: a (random) SD base → tool_add_control.py → init checkpoint."""
+    from ldm.checkpoint import save_state_dict
+
+    from siamese.config import load_config
+    from siamese.factory import build_model
+    from tools import add_control
+
+    tiny = REPO_ROOT / "configs" / "siamese_tiny.yaml"
+    root = tmp_path_factory.mktemp("init")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(7)
+    base = {k: v for k, v in build_model(load_config(tiny).model).state_dict().items()
+            if not k.startswith("control_model.")}
+    torch.random.set_rng_state(state)
+    save_state_dict(base, root / "sd_base.safetensors")
+    assert add_control.main([str(root / "sd_base.safetensors"), str(root / "init.safetensors"),
+                             "--config", str(tiny)]) == 0
+    return root / "init.safetensors"

@@ -16,7 +16,6 @@ import torch
 from siamese.config import checkpoint_metadata, load_config
 from siamese.data import write_synthetic_dataset
 from siamese.factory import build_model, meta_model
-from tools import add_control as add_control_tool
 from tools import inference as inference_tool
 from tools import merge_control as merge_tool
 from tools import train as train_tool
@@ -26,18 +25,6 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "siamese_tiny.yaml"
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-@pytest.fixture(scope="module")
-def init_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu_init")
-    torch.manual_seed(7)
-    base = {k: v for k, v in build_model(load_config(TINY).model).state_dict().items()
-            if not k.startswith("control_model.")}
-    save_state_dict(base, root / "sd_base.safetensors")
-    assert add_control_tool.main([str(root / "sd_base.safetensors"), str(root / "init.safetensors"),
-                                  "--config", str(TINY)]) == 0
-    return root / "init.safetensors"
 
 
 def test_build_model_on_the_gpu():

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ldm.checkpoint import load_state_dict, save_state_dict
+from ldm.checkpoint import load_state_dict
 
 import pytest
 import torch
@@ -24,7 +24,6 @@ from cldm.strategy import zero_checkpoint_to_state_dict
 from siamese.config import load_config
 from siamese.data import write_synthetic_dataset
 from siamese.factory import build_model, load_weights, meta_model
-from tools import add_control as add_control_tool
 from tools import inference as inference_tool
 from tools import merge_control as merge_tool
 from tools import train as train_tool
@@ -48,19 +47,6 @@ def _metrics(out: Path) -> list[dict[str, str]]:
         with path.open() as handle:
             rows += list(csv.DictReader(handle))
     return rows
-
-
-@pytest.fixture(scope="module")
-def init_ckpt(tmp_path_factory) -> Path:
-    """The workflow's first step at the tiny geometry: a (random) SD base → tool_add_control.py."""
-    root = tmp_path_factory.mktemp("init")
-    torch.manual_seed(7)
-    base = {k: v for k, v in build_model(load_config(TINY).model).state_dict().items()
-            if not k.startswith("control_model.")}
-    save_state_dict(base, root / "sd_base.safetensors")
-    assert add_control_tool.main([str(root / "sd_base.safetensors"), str(root / "init.safetensors"),
-                                  "--config", str(TINY)]) == 0
-    return root / "init.safetensors"
 
 
 @pytest.fixture(scope="module")
