@@ -53,9 +53,13 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> C
                                                     sch.linear_end))
 
 
-def load_weights(model: ControlLDM, path: str | Path, *, unsafe_pickle: bool = False) -> None:
-    """Load a full checkpoint (original key names) strictly; ``model_ema.*``/``position_ids`` are ignored."""
-    state = load_state_dict(path, unsafe_pickle=unsafe_pickle)
+def load_weights(model: ControlLDM, path: str | Path, *, unsafe_pickle: bool = False,
+                 map_location: str | torch.device = "cpu") -> None:
+    """Load a full checkpoint (original key names) strictly; ``model_ema.*``/``position_ids`` are ignored.
+
+    ``map_location``: where the file's tensors are read to; the model's device avoids a second full copy in host
+    memory (several sampling processes per node each hold one otherwise)."""
+    state = load_state_dict(path, unsafe_pickle=unsafe_pickle, map_location=map_location)
     report = load_strict(model, state)
     logger.info("loaded %s (%d tensors)%s", path, len(state), "" if report.ok else f": {report.summary()}")
 

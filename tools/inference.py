@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     if todo:
         model = build_model(cfg.model, device)
         try:
-            load_weights(model, args.ckpt, unsafe_pickle=args.unsafe_pickle)
+            load_weights(model, args.ckpt, unsafe_pickle=args.unsafe_pickle, map_location=device)
         except CheckpointKeyError as exc:
             raise CheckpointKeyError(f"{args.ckpt}: {exc}") from None
         model.eval().requires_grad_(False)
