@@ -1,7 +1,8 @@
-"""Training callbacks: EMA of the trainable weights, and a rank-0 image logger (mask | image | sample).
+"""Training callbacks: EMA of the trainable weights, a rank-0 image logger (mask | image | sample), and a progress
+bar counted in optimizer steps.
 
-Both touch only the trainable set / a few fixed samples, write files atomically, and keep their own state in the
-Lightning checkpoint so a resumed run continues exactly.
+The first two touch only the trainable set / a few fixed samples, write files atomically, and keep their own state
+in the Lightning checkpoint so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
@@ -104,3 +106,33 @@ class ImageLogger(pl.Callback):
         path = self.out_dir / f"step_{step:07d}.png"
         write_png(path, np.concatenate(rows, axis=0))
         logger.info("sample grid written to %s", path)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar for the whole run in optimizer steps up to ``max_steps``, with rate and time left.
+
+    The recipe counts steps (3000), not epochs; Lightning's own bar restarts every epoch and shows ``Epoch 0/-2``
+    when only ``max_steps`` is set. A resumed run's bar starts at its step; the rate counts only the new steps.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.initial = bar.n = trainer.global_step
+        bar.set_description("steps")
+        bar.refresh()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args) -> None:
+        pass  # one bar for the run: no reset per epoch
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if self._should_update(step, bar.total or 0) and not bar.disable:
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -272,3 +272,21 @@ def test_two_ranks_zero2_via_cli(tmp_path, init_ckpt):
     assert set(merged) == set(live)
     for key, value in live.items():
         assert torch.equal(merged[key], value), key
+
+
+def test_progress_bar_counts_optimizer_steps_of_the_run(trained):
+    from cldm.callbacks import StepProgressBar
+
+    _, cfg, trainer = trained
+    (bar,) = [c for c in trainer.callbacks if isinstance(c, StepProgressBar)]
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (4, cfg.train.total_steps)
+
+
+def test_latest_checkpoint_prefers_the_highest_step_then_the_newest(tmp_path):
+    import time
+
+    for name in ("step=6.ckpt", "step=12.ckpt", "step=12-v1.ckpt"):
+        (tmp_path / name).mkdir()
+        time.sleep(0.01)  # distinct modification times, oldest first
+    assert train_tool.find_latest_checkpoint(tmp_path).name == "step=12-v1.ckpt"
+    assert train_tool.find_latest_checkpoint(tmp_path / "missing") is None

@@ -24,7 +24,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from cldm.callbacks import EMACallback, ImageLogger
+from cldm.callbacks import EMACallback, ImageLogger, StepProgressBar
 from cldm.data_order import StepSampler
 from cldm.lightning import ControlNetModule, TrainSettings
 from cldm.strategy import make_strategy
@@ -57,9 +57,11 @@ def checkpoint_dir(cfg: ExperimentConfig) -> Path:
 
 
 def find_latest_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint with the highest ``step=N`` in its name (files or ZeRO directories)."""
-    found = [(int(m.group(1)), p) for p in directory.glob("*.ckpt") if (m := _STEP_RE.search(p.name))]
-    return max(found)[1] if found else None
+    """The checkpoint with the highest ``step=N`` in its name (files or ZeRO directories); among equal steps (a run
+    resumed from an older checkpoint writes ``step=N-v1.ckpt`` beside ``step=N.ckpt``) the most recently written."""
+    found = [(int(m.group(1)), p.stat().st_mtime_ns, p) for p in directory.glob("*.ckpt")
+             if (m := _STEP_RE.search(p.name))]
+    return max(found)[2] if found else None
 
 
 def resolve_resume(cfg: ExperimentConfig, resume: str | None) -> str | None:
@@ -90,7 +92,7 @@ def make_trainer(cfg: ExperimentConfig) -> pl.Trainer:
     ckpt = ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="{step}", monitor="step", mode="max",
                            save_top_k=t.keep_checkpoints, every_n_train_steps=t.checkpoint_every,
                            save_on_train_epoch_end=False)
-    callbacks: list[pl.Callback] = [ckpt]
+    callbacks: list[pl.Callback] = [ckpt, StepProgressBar()]
     if t.ema.enabled:
         callbacks.append(EMACallback(t.ema.decay, out / "ema_trainable.safetensors"))
     return pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=t.num_nodes,
