@@ -1,5 +1,5 @@
-"""Training callbacks: EMA of the trainable weights, a rank-0 image logger (mask | image | sample), and a progress
-bar counted in optimizer steps.
+"""Training callbacks: EMA of the trainable weights, a rank-0 image logger (mask | image | sample), a progress bar
+counted in optimizer steps, and the final checkpoint.
 
 The first two touch only the trainable set / a few fixed samples, write files atomically, and keep their own state
 in the Lightning checkpoint so a resumed run continues exactly.
@@ -136,3 +136,16 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.train_progress_bar.disable:
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class FinalCheckpoint(pl.Callback):
+    """Save ``step=N.ckpt`` when training ends on a step the periodic checkpoints (every ``every`` steps) missed,
+    so the last weights are never lost. Collective under DeepSpeed: every rank calls ``save_checkpoint``."""
+
+    def __init__(self, directory: str | Path, every: int):
+        self.directory, self.every = Path(directory), every
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every:
+            trainer.save_checkpoint(self.directory / f"step={step}.ckpt")

@@ -290,3 +290,11 @@ def test_latest_checkpoint_prefers_the_highest_step_then_the_newest(tmp_path):
         time.sleep(0.01)  # distinct modification times, oldest first
     assert train_tool.find_latest_checkpoint(tmp_path).name == "step=12-v1.ckpt"
     assert train_tool.find_latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_the_last_step_is_always_checkpointed(tmp_path):
+    cfg = load_config(TINY, _overrides(tmp_path, steps=3, **{"train.image_log_every": 0}))  # every 2 steps
+    train_tool.train(cfg)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == ["step=2.ckpt", "step=3.ckpt"]
+    assert train_tool.find_latest_checkpoint(tmp_path / "checkpoints").name == "step=3.ckpt"
+    assert train_tool.train(cfg, resume="latest").global_step == 3  # a finished run resumes as finished

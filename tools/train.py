@@ -24,7 +24,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from cldm.callbacks import EMACallback, ImageLogger, StepProgressBar
+from cldm.callbacks import EMACallback, FinalCheckpoint, ImageLogger, StepProgressBar
 from cldm.data_order import StepSampler
 from cldm.lightning import ControlNetModule, TrainSettings
 from cldm.strategy import make_strategy
@@ -92,7 +92,7 @@ def make_trainer(cfg: ExperimentConfig) -> pl.Trainer:
     ckpt = ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="{step}", monitor="step", mode="max",
                            save_top_k=t.keep_checkpoints, every_n_train_steps=t.checkpoint_every,
                            save_on_train_epoch_end=False)
-    callbacks: list[pl.Callback] = [ckpt, StepProgressBar()]
+    callbacks: list[pl.Callback] = [ckpt, FinalCheckpoint(checkpoint_dir(cfg), t.checkpoint_every), StepProgressBar()]
     if t.ema.enabled:
         callbacks.append(EMACallback(t.ema.decay, out / "ema_trainable.safetensors"))
     return pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=t.num_nodes,
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         logger.error("%s", exc)
         return 2 if isinstance(exc, ConfigError) else 1
-    ckpt = trainer.checkpoint_callback
-    logger.info("done: %d steps; checkpoints in %s (newest: %s)", trainer.global_step, checkpoint_dir(cfg),
-                ckpt.best_model_path if ckpt else "-")
+    if trainer.is_global_zero:
+        logger.info("done: %d steps; newest checkpoint: %s", trainer.global_step,
+                    find_latest_checkpoint(checkpoint_dir(cfg)) or "-")
     return 0
