@@ -102,3 +102,19 @@ def init_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert add_control.main([str(root / "sd_base.safetensors"), str(root / "init.safetensors"),
                              "--config", str(tiny)]) == 0
     return root / "init.safetensors"
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path: Path):
+    """A directory this process cannot create files in: ``chmod 500`` for a user; ``/proc/self`` for root, which
+    ignores permission bits (but cannot create files there either)."""
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        yield locked
+        locked.chmod(0o700)
+    elif Path("/proc/self").is_dir():
+        yield Path("/proc/self")
+    else:
+        pytest.skip("root ignores directory permissions and there is no /proc to write into")
