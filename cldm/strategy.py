@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import logging
 import sys
@@ -225,6 +226,18 @@ ZERO_PICKLE_GLOBALS = frozenset({
     "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
 })
+
+
+def zero_pickle_globals() -> list[Any]:
+    """The objects named in ``ZERO_PICKLE_GLOBALS`` that this installation has (for ``weights_only`` loading)."""
+    found = []
+    for name in sorted(ZERO_PICKLE_GLOBALS):
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # e.g. numpy 1.x has no numpy._core; deepspeed renamed a class
+            continue
+    return found
 
 
 def zero_checkpoint_to_state_dict(ckpt_dir: str | Path, *, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -55,13 +55,16 @@ def _check_readable(path: Path) -> None:
         )
 
 
-def _load_pickle(path: Path, *, unsafe_pickle: bool, map_location: str | torch.device) -> Any:
+def _load_pickle(path: Path, *, unsafe_pickle: bool, map_location: str | torch.device,
+                 allowed_globals: Sequence[Any] = ()) -> Any:
     if unsafe_pickle:
         # Explicit opt-in by the user (--unsafe-pickle) for a file they trust; this can execute code in the file.
         logger.warning("loading %s with full unpickling (--unsafe-pickle): only do this for trusted files", path)
         return torch.load(path, map_location=map_location, weights_only=False)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        # allowed_globals: classes/functions a caller knows its files hold (e.g. numpy arrays of an RNG state).
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses both foreign objects and garbage; tell them apart by asking which globals it needs.
         try:
@@ -109,11 +112,16 @@ def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
 
 
 def load_state_dict(
-    path: str | os.PathLike[str], *, unsafe_pickle: bool = False, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike[str],
+    *,
+    unsafe_pickle: bool = False,
+    map_location: str | torch.device = "cpu",
+    allowed_globals: Sequence[Any] = (),
 ) -> dict[str, Tensor]:
     """Read a flat ``{name: tensor}`` dict from a .safetensors, .ckpt, .pt, .pth or .bin file.
 
-    Pickled files are loaded with ``weights_only=True`` unless ``unsafe_pickle``; a nested ``state_dict`` (Lightning)
+    Pickled files are loaded with ``weights_only=True`` (which may also build the objects in ``allowed_globals``)
+    unless ``unsafe_pickle``; a nested ``state_dict`` (Lightning)
     or ``module`` (DeepSpeed) dict is unwrapped; non-tensor entries (e.g. ``epoch``) are dropped with a debug log.
     """
     path = Path(path)
@@ -130,7 +138,8 @@ def load_state_dict(
     if suffix not in PICKLE_SUFFIXES:
         known = ", ".join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
         raise ValueError(f"{path}: unknown checkpoint extension {suffix!r} (expected one of {known})")
-    raw = _unwrap(_load_pickle(path, unsafe_pickle=unsafe_pickle, map_location=map_location), path)
+    raw = _unwrap(_load_pickle(path, unsafe_pickle=unsafe_pickle, map_location=map_location,
+                               allowed_globals=allowed_globals), path)
     state: dict[str, Tensor] = {}
     dropped: list[str] = []
     for key, value in raw.items():

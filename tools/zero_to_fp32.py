@@ -19,10 +19,10 @@ import logging
 import time
 from pathlib import Path
 
-from ldm.checkpoint import foreign_globals, load_state_dict, save_state_dict
+from ldm.checkpoint import load_state_dict, save_state_dict
 
 from cldm.convert import check_against_model, expected_state, to_float32, training_to_model_keys
-from cldm.strategy import ZERO_PICKLE_GLOBALS, zero_checkpoint_to_state_dict
+from cldm.strategy import zero_checkpoint_to_state_dict, zero_pickle_globals
 from siamese.config import ExperimentConfig, checkpoint_metadata, load_config
 from siamese.factory import meta_model
 from tools._cli import add_common_flags, check_output, make_parser, run
@@ -59,12 +59,8 @@ def read_training_checkpoint(ckpt: Path, *, unsafe_pickle: bool = False) -> dict
     """The LightningModule's state (``net.*`` names) from a ZeRO directory or a single-file Lightning checkpoint."""
     if ckpt.is_dir():
         return zero_checkpoint_to_state_dict(ckpt, unsafe_pickle=unsafe_pickle)
-    foreign = [] if unsafe_pickle else foreign_globals(ckpt, ZERO_PICKLE_GLOBALS)
-    if foreign:
-        raise ValueError(f"{ckpt}: would import {', '.join(foreign[:5])} when unpickled, which a training "
-                         "checkpoint never needs; if you trust this file, pass --unsafe-pickle")
-    # Vetted above: only torch's safe set and the numpy/DeepSpeed types of ZERO_PICKLE_GLOBALS remain.
-    return load_state_dict(ckpt, unsafe_pickle=True)
+    # Safe loading, with the numpy RNG state and DeepSpeed types a training checkpoint holds allowed by name.
+    return load_state_dict(ckpt, unsafe_pickle=unsafe_pickle, allowed_globals=zero_pickle_globals())
 
 
 def convert(ckpt: Path, cfg: ExperimentConfig | None, *, unsafe_pickle: bool = False) -> tuple[dict, int]:
