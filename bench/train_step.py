@@ -16,7 +16,6 @@ builds the models, resets the kernel's resident-set high-water mark (``/proc/sel
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import json
 import os
@@ -36,8 +35,9 @@ import torch
 from torch import Tensor
 
 from cldm.controlnet import ControlConfig, ControlNet
-from siamese.losses import TERMS, LossWeights, mse_per_sample
+from siamese.losses import LossWeights
 from siamese.model import SiameseDiffusion
+from siamese.reference import deep_copy_loss
 from siamese.schedules import SiameseRecipe
 
 TINY = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=2,
@@ -46,30 +46,6 @@ TOTAL_STEPS, STEP = 3000, 2500  # late in the run: image ramp at 5/6 and L_aug a
 T_CYCLE = (50, 600, 150, 900)  # half of the batch inside the L_aug gate (t ≤ 200); batch 1 → t = 50
 VARIANTS = ("copy-free", "deep-copy")
 MIB = 2**20
-
-
-# -- the released formulation (deep copies every step) ------------------------------------------------------------
-def deep_copy_loss(unet: UNetModel, control: ControlNet, schedule: Schedule, weights: LossWeights,
-                   recipe: SiameseRecipe, step: int, z0: Tensor, mask_hint: Tensor, image_hint: Tensor,
-                   context: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-    """The Siamese loss as the released code computes it: copied ControlNet for sg(c_m), copied UNet for U_sg."""
-    only_mid = control.control_config.only_mid_control
-    control_copy, unet_copy = copy.deepcopy(control), copy.deepcopy(unet)
-    z_t = schedule.q_sample(z0, t, noise)
-    c_m = control(z_t, mask_hint, t, context)
-    eps_m = unet(z_t, t, context, c_m, only_mid)
-    with torch.no_grad():
-        c_m_sg = control_copy(z_t, mask_hint, t, context)
-    c_i = control(z_t, image_hint, t, context)
-    w_m, w_i = recipe.mask_control_weight, recipe.image_weight(step)
-    eps_mix = unet_copy(z_t, t, context, [w_m * a + w_i * b for a, b in zip(c_m_sg, c_i)], only_mid)
-    terms = {"loss_mask": mse_per_sample(eps_m, noise), "loss_image": mse_per_sample(eps_mix, noise),
-             "loss_consistency": mse_per_sample(eps_m, eps_mix.detach())}
-    if step > recipe.total_steps * recipe.aug_start:  # full batch, gated by multiplication (released behaviour)
-        z_aug = schedule.q_sample(schedule.predict_x0_from_eps(z_t, t, eps_mix), t, noise).detach()
-        eps_aug = unet(z_aug, t, context, control(z_aug, mask_hint, t, context), only_mid)
-        terms["loss_aug"] = mse_per_sample(eps_aug, noise) * (t <= recipe.aug_t_max).float()
-    return sum(weights.of(name) * terms[name] for name in TERMS if name in terms).mean()
 
 
 # -- set-up ---------------------------------------------------------------------------------------------------------
@@ -109,7 +85,7 @@ def make_step(variant: str, unet: UNetModel, control: ControlNet, inputs: dict[s
                 loss = method.training_loss(inputs["z0"], inputs["mask_hint"], inputs["image_hint"],
                                             inputs["context"], inputs["t"], inputs["noise"], STEP).loss
             else:
-                loss = deep_copy_loss(unet, control, schedule, weights, recipe, STEP, **inputs)
+                loss, _ = deep_copy_loss(unet, control, schedule, weights, recipe, STEP, **inputs)
         loss.backward()
         synchronize(device)
         for p in params:  # as optimizer.zero_grad(set_to_none=True): the gradients count inside the step

@@ -9,7 +9,6 @@ trivially zero and would hide a wrong gradient path. Geometry: the tiny one of `
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 from ldm.schedule import Schedule
@@ -20,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from cldm.controlnet import ControlConfig, ControlNet
-from siamese.losses import TERMS, LossWeights, mse_per_sample
+from siamese.losses import TERMS, LossWeights
 from siamese.model import SiameseDiffusion
+from siamese.reference import deep_copy_loss
 from siamese.schedules import SiameseRecipe
 
 CFG = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=2,
@@ -71,34 +71,10 @@ def make_inputs(t: Sequence[int], seed: int = 1) -> dict[str, Tensor]:
 SCHEDULE = Schedule.from_config()
 
 
-# -- the reference: the released formulation, deep copies and all ---------------------------------------------------
+# -- the reference: the released formulation, deep copies and all (siamese/reference.py) ---------------------------
 def reference_loss(unet: UNetModel, control: ControlNet, weights: LossWeights, recipe: SiameseRecipe, step: int,
-                   z0: Tensor, mask_hint: Tensor, image_hint: Tensor, context: Tensor, t: Tensor, noise: Tensor,
-                   aug_noise: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    only_mid = control.control_config.only_mid_control
-    control_copy, unet_copy = copy.deepcopy(control), copy.deepcopy(unet)
-    z_t = SCHEDULE.q_sample(z0, t, noise)
-
-    c_m = control(z_t, mask_hint, t, context)
-    eps_m = unet(z_t, t, context, c_m, only_mid)
-    with torch.no_grad():
-        c_m_sg = control_copy(z_t, mask_hint, t, context)
-    c_i = control(z_t, image_hint, t, context)
-    w_m, w_i = recipe.mask_control_weight, recipe.image_weight(step)
-    c_mix = [w_m * a + w_i * b for a, b in zip(c_m_sg, c_i)]
-    eps_mix = unet_copy(z_t, t, context, c_mix, only_mid)
-
-    terms = {"loss_mask": mse_per_sample(eps_m, noise), "loss_image": mse_per_sample(eps_mix, noise),
-             "loss_consistency": mse_per_sample(eps_m, eps_mix.detach()),
-             "loss_aug": torch.zeros(len(t))}
-    if step > recipe.total_steps * recipe.aug_start:
-        target = aug_noise if recipe.aug_noise == "fresh" else noise
-        z0_hat = SCHEDULE.predict_x0_from_eps(z_t, t, eps_mix)
-        z_aug = SCHEDULE.q_sample(z0_hat, t, target).detach()
-        eps_aug = unet(z_aug, t, context, control(z_aug, mask_hint, t, context), only_mid)
-        terms["loss_aug"] = mse_per_sample(eps_aug, target) * (t <= recipe.aug_t_max).float()
-    total = sum(weights.of(name) * terms[name] for name in TERMS).mean()
-    return total, terms
+                   **x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    return deep_copy_loss(unet, control, SCHEDULE, weights, recipe, step, **x)
 
 
 # -- running both --------------------------------------------------------------------------------------------------
