@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from _zero2_worker import TinyRegressor as _WorkerRegressor  # tests/ is on sys.path (rootdir-relative)
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.strategies import DeepSpeedStrategy
 from safetensors.torch import load_file
@@ -39,29 +40,12 @@ DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "N
 StateDict = dict[str, torch.Tensor]
 
 
-class TinyRegressor(pl.LightningModule):
-    """Three Linear layers, the middle one frozen (like the locked UNet next to a trainable ControlNet)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(4, 16)
-        self.frozen = nn.Linear(16, 16)
-        self.out = nn.Linear(16, 1)
-        self.frozen.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.frozen(torch.relu(self.inp(x)))))
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.mse_loss(self(x), y)
+class TinyRegressor(_WorkerRegressor):
+    """The worker's toy module (one frozen layer between two trainable ones), with a validation step."""
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         self.log("val_loss", nn.functional.mse_loss(self(x), y))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
 def _loader() -> DataLoader:
