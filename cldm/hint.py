@@ -62,7 +62,9 @@ class PatchMerge(nn.Module):
             raise ValueError(f"PatchMerge needs even height and width, got {tuple(x.shape[-2:])}")
         x = x.permute(0, 2, 3, 1)  # channels-last
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.reduction(self.norm(x)).permute(0, 3, 1, 2)
+        # Back to channels-first *memory* too: a permuted view would make every later conv, and the ControlNet's
+        # GroupNorms, run channels-last (torch's CPU GroupNorm backward segfaults on that layout).
+        return self.reduction(self.norm(x)).permute(0, 3, 1, 2).contiguous()
 
 
 class _DenseTrunk(nn.Module):

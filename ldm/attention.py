@@ -131,7 +131,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+        # Contiguous (as the original): the rearranged view has channels-last strides, which would spread through
+        # every later conv, and torch's CPU GroupNorm backward crashes (segfault) on channels-last inputs.
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

@@ -72,7 +72,8 @@ class AttnBlock(nn.Module):
         # (B, C, H, W) -> (B, 1, H*W, C): one head whose tokens are pixels; SDPA's default scale is 1/sqrt(C).
         q, k, v = (t.reshape(b, 1, c, height * width).transpose(-1, -2) for t in (self.q(h), self.k(h), self.v(h)))
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(-1, -2).reshape(b, c, height, width)
+        # contiguous(): the reshaped view is channels-last-strided (see ldm.attention.SpatialTransformer).
+        out = out.transpose(-1, -2).reshape(b, c, height, width).contiguous()
         return x + self.proj_out(out)
 
 
