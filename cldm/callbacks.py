@@ -34,7 +34,8 @@ class EMACallback(pl.Callback):
         self.shadow: dict[str, Tensor] = {}
 
     def _trainable(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        return {n: p for n, p in pl_module.net.named_parameters() if p.requires_grad}
+        net = getattr(pl_module, "net", pl_module)  # names as the model has them (no "net." prefix)
+        return {n: p for n, p in net.named_parameters() if p.requires_grad}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = self._trainable(pl_module)
@@ -79,8 +80,9 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 class ImageLogger(pl.Callback):
-    """Every ``every`` steps, rank 0 samples the mask branch for a few fixed training pairs and writes
-    ``<out_dir>/step_<N>.png``: one row per pair, columns mask | real image | sample."""
+    """Every ``every`` steps, rank 0 asks the module for its image columns on a few fixed samples
+    (``TrainModule.image_columns``: mask | real image | sample for ControlNet training, image | reconstruction for
+    the first stage, ...) and writes ``<out_dir>/step_<N>.png``, one row per sample."""
 
     def __init__(self, every: int, out_dir: str | Path, samples: dict, steps: int, cfg_scale: float, seed: int):
         self.every, self.out_dir, self.samples = every, Path(out_dir), samples
@@ -90,22 +92,26 @@ class ImageLogger(pl.Callback):
         step = trainer.global_step
         if self.every <= 0 or step % self.every or not trainer.is_global_zero:
             return
-        net = pl_module.net
-        was_training = net.training
-        net.eval()
-        hint = self.samples["mask_hint"].to(pl_module.device)
-        generator = torch.Generator(device=hint.device).manual_seed(self.seed)
-        images = net.sample(hint, list(self.samples["prompt"]), steps=self.steps, cfg_scale=self.cfg_scale,
-                            generator=generator)
-        net.train(was_training)
-        size = images.shape[-2:]
-        resize = torch.nn.functional.interpolate
-        cols = [resize(hint * 2 - 1, size=size, mode="nearest"),
-                resize(self.samples["image"].to(images.device), size=size, mode="area"), images]
-        rows = [np.concatenate([to_uint8(c)[i] for c in cols], axis=1) for i in range(images.shape[0])]
+        was_training = pl_module.training
+        pl_module.eval()
+        device = pl_module.device
+        samples = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.samples.items()}
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        columns = pl_module.image_columns(samples, steps=self.steps, cfg_scale=self.cfg_scale, generator=generator)
+        pl_module.train(was_training)
         path = self.out_dir / f"step_{step:07d}.png"
-        write_png(path, np.concatenate(rows, axis=0))
+        write_png(path, image_grid(columns))
         logger.info("sample grid written to %s", path)
+
+
+def image_grid(columns: list[Tensor]) -> np.ndarray:
+    """Columns of (B, 3, H, W) images in [-1, 1] (sizes may differ: resized to the last column's) → one RGB grid
+    with a row per sample."""
+    size = columns[-1].shape[-2:]
+    resized = [torch.nn.functional.interpolate(c.float(), size=size, mode="nearest" if c.shape[-1] < size[-1]
+                                               else "area") if c.shape[-2:] != size else c for c in columns]
+    rows = [np.concatenate([to_uint8(c)[i] for c in resized], axis=1) for i in range(columns[-1].shape[0])]
+    return np.concatenate(rows, axis=0)
 
 
 class StepProgressBar(TQDMProgressBar):

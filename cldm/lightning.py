@@ -1,4 +1,5 @@
-"""Lightning wiring for ControlNet training (the mask-only baseline); the Siamese module extends it.
+"""Lightning wiring for ControlNet training (the mask-only baseline); the Siamese module extends it, and the base
+pretraining modules (``cldm.pretrain``) share its ``TrainModule`` base.
 
 The module only wires parts together: it turns a batch into latents, text context, timesteps and noise, asks
 ``loss_terms`` for the loss and per-sample terms, logs them, and owns the optimizer over the trainable set chosen by
@@ -42,11 +43,60 @@ def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
-class ControlNetModule(pl.LightningModule):
+class TrainModule(pl.LightningModule):
+    """What every training module of the framework shares (ControlNet / Siamese, and base pretraining): one
+    ``StepLoss`` per step with per-term logging, AdamW over the parameters that require grad, the RNG states in
+    checkpoints (exact resume), and ``image_columns`` for the image-logging callback."""
+
+    def __init__(self, lr: float):
+        super().__init__()
+        self.lr = lr
+
+    def step_loss(self, batch: dict, step: int) -> StepLoss:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def image_columns(self, samples: dict, *, steps: int, cfg_scale: float, generator: torch.Generator
+                      ) -> list[Tensor]:
+        """Columns of the logged image grid for a few fixed samples, each (B, 3, H, W) in [-1, 1]."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self.step_loss(batch, int(self.global_step))
+        logs = {f"train/{k}": v.detach().mean() for k, v in out.terms.items()}
+        logs.update({f"train/{k}": float(v) for k, v in out.extras.items()})
+        self.log_dict(logs, on_step=True, prog_bar=False, sync_dist=False)
+        self.log("loss", out.loss.detach(), on_step=True, prog_bar=True)
+        return out.loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = _rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rng_state")
+        if state is not None:
+            random.setstate(state["python"])
+            np.random.set_state(state["numpy"])
+            torch.set_rng_state(state["torch"])
+
+
+def drop_prompts(prompts: list[str], p: float) -> list[str]:
+    """Each prompt replaced by "" with probability ``p``: the unconditional model classifier-free guidance needs."""
+    if p <= 0:
+        return prompts
+    drop = torch.rand(len(prompts)).lt(p).tolist()
+    return ["" if d else prompt for prompt, d in zip(prompts, drop)]
+
+
+class ControlNetModule(TrainModule):
     """Plain ControlNet training on the mask hint: ``L = ‖ε_θ(z_t, t, τ, c(h_m)) − ε‖²``."""
 
     def __init__(self, net: ControlLDM, settings: TrainSettings):
-        super().__init__()
+        super().__init__(settings.lr)
         self.net = net
         self.settings = settings
         self.trainable_names = net.configure_trainable(settings.sd_locked)
@@ -55,10 +105,8 @@ class ControlNetModule(pl.LightningModule):
     def prepare_batch(self, batch: dict) -> dict[str, Tensor]:
         """Batch from the dataset → latents, hints, text context, timesteps and noise (all on this device)."""
         prompts = list(batch["prompt"])
-        if self.training and self.settings.prompt_dropout > 0:
-            # Classifier-free guidance needs an unconditional model: drop the prompt with probability p.
-            drop = torch.rand(len(prompts)).lt(self.settings.prompt_dropout).tolist()
-            prompts = ["" if d else p for p, d in zip(prompts, drop)]
+        if self.training:
+            prompts = drop_prompts(prompts, self.settings.prompt_dropout)
         z0 = self.net.encode_images(batch["image"])
         context = self.net.encode_prompts(prompts).to(z0.dtype)
         t = torch.randint(0, self.net.schedule.num_timesteps, (z0.shape[0],), device=z0.device)
@@ -73,26 +121,14 @@ class ControlNetModule(pl.LightningModule):
         per_sample = (eps.float() - inputs["noise"].float()).pow(2).flatten(1).mean(1)
         return StepLoss(per_sample.mean(), {"loss_mask": per_sample}, {})
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self.loss_terms(self.prepare_batch(batch), int(self.global_step))
-        logs = {f"train/{k}": v.detach().mean() for k, v in out.terms.items()}
-        logs.update({f"train/{k}": float(v) for k, v in out.extras.items()})
-        self.log_dict(logs, on_step=True, prog_bar=False, sync_dist=False)
-        self.log("loss", out.loss.detach(), on_step=True, prog_bar=True)
-        return out.loss
+    def step_loss(self, batch: dict, step: int) -> StepLoss:
+        return self.loss_terms(self.prepare_batch(batch), step)
 
-    # -- optimisation -----------------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.settings.lr)
-
-    # -- checkpoint extras ------------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_state"] = _rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("rng_state")
-        if state is not None:
-            random.setstate(state["python"])
-            np.random.set_state(state["numpy"])
-            torch.set_rng_state(state["torch"])
+    @torch.no_grad()
+    def image_columns(self, samples: dict, *, steps: int, cfg_scale: float, generator: torch.Generator
+                      ) -> list[Tensor]:
+        """mask | real image | sample of the mask branch."""
+        hint = samples["mask_hint"]
+        images = self.net.sample(hint, list(samples["prompt"]), steps=steps, cfg_scale=cfg_scale,
+                                 generator=generator)
+        return [hint * 2 - 1, samples["image"], images]

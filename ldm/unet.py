@@ -223,16 +223,17 @@ class UNetModel(nn.Module):
         """The decoder's parameters (``output_blocks.*``, ``out.*``), the part ``sd_locked=False`` trains."""
         return {n: p for n, p in self.named_parameters() if n.startswith(("output_blocks.", "out."))}
 
-    @torch.no_grad()
-    def encode(self, x: Tensor, timesteps: Tensor, context: Tensor | None) -> EncoderFeatures:
-        """Time embedding, input blocks and middle block, without autograd (never trained in this framework)."""
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
-        skips = []
-        h = x
-        for block in self.input_blocks:
-            h = block(h, emb, context)
-            skips.append(h)
-        return EncoderFeatures(skips, self.middle_block(h, emb, context), emb)
+    def encode(self, x: Tensor, timesteps: Tensor, context: Tensor | None, grad: bool = False) -> EncoderFeatures:
+        """Time embedding, input blocks and middle block. Without autograd unless ``grad`` (ControlNet-style training
+        never trains them; base pretraining does)."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
+            skips = []
+            h = x
+            for block in self.input_blocks:
+                h = block(h, emb, context)
+                skips.append(h)
+            return EncoderFeatures(skips, self.middle_block(h, emb, context), emb)
 
     def decode(self, features: EncoderFeatures, context: Tensor | None, control: Sequence[Tensor] | None = None,
                only_mid_control: bool = False) -> Tensor:
@@ -252,8 +253,9 @@ class UNetModel(nn.Module):
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor | None = None,
                 control: Sequence[Tensor] | None = None, only_mid_control: bool = False,
-                features: EncoderFeatures | None = None) -> Tensor:
-        """Predict ε. ``features`` (from ``encode`` on the same x, t, context) skips the encoder pass."""
+                features: EncoderFeatures | None = None, encoder_grad: bool = False) -> Tensor:
+        """Predict ε. ``features`` (from ``encode`` on the same x, t, context) skips the encoder pass;
+        ``encoder_grad`` runs the encoder under autograd (to train it)."""
         if features is None:
-            features = self.encode(x, timesteps, context)
+            features = self.encode(x, timesteps, context, grad=encoder_grad)
         return self.decode(features, context, control, only_mid_control)

@@ -11,7 +11,7 @@ relations between sections. ``siamese.factory`` is the one place where this beco
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ldm.schedule import BETA_KINDS
@@ -138,12 +138,53 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class AutoencoderPretrain:
+    """First-stage pretraining (``python -m tools.pretrain``): L1 reconstruction + KL, optional perceptual term.
+
+    Defaults are the SD1.5 VAE's (Rombach et al. 2022, ``kl_weight`` 1e-6 on the pixel-summed L1); the adversarial
+    term of the original is left out. ``calibrate_samples`` images set ``scale_factor = 1 / std(latents)`` (how
+    0.18215 was obtained for SD); 0 keeps the configured value.
+    """
+
+    total_steps: int = 10000
+    lr: float = 4.5e-6
+    batch_size: int = 8
+    kl_weight: float = 1.0e-6
+    perceptual_weight: float = 0.0
+    perceptual_weights: str | None = None  # local torchvision VGG16 weights (.safetensors/.pth); nothing downloads
+    calibrate_samples: int = 512
+
+
+@dataclass(frozen=True)
+class UNetPretrain:
+    """Text-conditioned UNet pretraining on the frozen first stage: ε-prediction, the whole UNet trained."""
+
+    total_steps: int = 10000
+    lr: float = 1.0e-4
+    batch_size: int = 8
+    prompt_dropout: float = 0.1  # SD1.5 drops 10 % of the captions so classifier-free guidance works
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The two stages of a base model; every other setting (devices, strategy, checkpoints) is the ``train``
+    section's, which each stage inherits with its own steps, lr and batch size."""
+
+    autoencoder: AutoencoderPretrain = field(default_factory=AutoencoderPretrain)
+    unet: UNetPretrain = field(default_factory=UNetPretrain)
+
+
+PRETRAIN_STAGES = ("autoencoder", "unet")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     @property
     def latent_size(self) -> int:
@@ -231,6 +272,32 @@ def check(cfg: ExperimentConfig, where: str = "config") -> None:
         fail(f"train.lr must be > 0, got {cfg.train.lr}")
     if cfg.data.root is None and cfg.data.synthetic_samples <= 0:
         fail("data.synthetic_samples must be > 0 when data.root is null (generated data)")
+    for name in PRETRAIN_STAGES:
+        stage = getattr(cfg.pretrain, name)
+        for key in ("total_steps", "batch_size"):
+            if getattr(stage, key) <= 0:
+                fail(f"pretrain.{name}.{key} must be > 0, got {getattr(stage, key)}")
+        if stage.lr <= 0:
+            fail(f"pretrain.{name}.lr must be > 0, got {stage.lr}")
+    ae = cfg.pretrain.autoencoder
+    if ae.kl_weight < 0 or ae.perceptual_weight < 0 or ae.calibrate_samples < 0:
+        fail("pretrain.autoencoder.kl_weight, perceptual_weight and calibrate_samples must be >= 0")
+    if ae.perceptual_weight > 0 and not ae.perceptual_weights:
+        fail("pretrain.autoencoder.perceptual_weight > 0 needs pretrain.autoencoder.perceptual_weights (a local "
+             "VGG16 weight file; nothing is downloaded)")
+    if not 0.0 <= cfg.pretrain.unet.prompt_dropout <= 1.0:
+        fail(f"pretrain.unet.prompt_dropout must be in [0, 1], got {cfg.pretrain.unet.prompt_dropout}")
+
+
+def stage_config(cfg: ExperimentConfig, stage: str) -> ExperimentConfig:
+    """The config a pretraining stage trains with: ``train`` with the stage's steps, lr and batch size, and its own
+    run directory ``<train.output_dir>/<stage>`` (so checkpoints, logs and ``--resume latest`` are per stage)."""
+    if stage not in PRETRAIN_STAGES:
+        raise ConfigError(f"unknown pretraining stage {stage!r}; expected one of {list(PRETRAIN_STAGES)}")
+    s = getattr(cfg.pretrain, stage)
+    train = replace(cfg.train, total_steps=s.total_steps, lr=s.lr, batch_size=s.batch_size,
+                    output_dir=str(Path(cfg.train.output_dir) / stage))
+    return replace(cfg, train=train)
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
@@ -264,6 +331,22 @@ def config_from_metadata(meta: dict[str, str], where: str) -> ExperimentConfig |
     if not text:
         return None
     return load_config(None, text=text, where=f"{where} (metadata {METADATA_CONFIG})")
+
+
+def check_same_latents(cfg: ExperimentConfig, meta: dict[str, str], where: str) -> None:
+    """A checkpoint this framework wrote carries its config: its latent scale factor must be the config's.
+
+    A pretrained base calibrates ``model.first_stage.scale_factor`` to its own VAE; training or converting it under
+    another factor silently trains on latents of the wrong variance. Checkpoints without a config (SD1.5 files)
+    pass.
+    """
+    embedded = config_from_metadata(meta, where)
+    if embedded is None:
+        return
+    theirs, ours = embedded.model.first_stage.scale_factor, cfg.model.first_stage.scale_factor
+    if abs(theirs - ours) > 1e-6 * max(abs(theirs), 1.0):
+        raise ConfigError(f"{where} was made with model.first_stage.scale_factor={theirs} but the config has {ours}: "
+                          f"add model.first_stage.scale_factor={theirs} (or use the config it was made with)")
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:

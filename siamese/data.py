@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from siamese.masks import DEFAULT_THRESHOLD, mask_to_png, read_mask, resize_mask
 
 __all__ = [
+    "ImageDataset",
     "MaskImageDataset",
     "PairRecord",
     "SyntheticLesionDataset",
@@ -202,6 +203,50 @@ class MaskImageDataset(Dataset):
             )
         prompt = record.prompt if self.prompt_override is None else self.prompt_override
         return make_sample(rgb, mask01, self.resolution, self.hint_resolution, prompt, record.source.stem)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class ImageDataset(Dataset):
+    """Unlabelled images with prompts, for base pretraining: items ``image`` (3×R×R in [-1, 1]), ``prompt``, ``name``.
+
+    ``from_root`` takes a ``prompt.json`` layout (its ``target`` images and prompts; masks are not read) or a plain
+    folder of images (searched recursively, hidden files skipped), every image with ``prompt``.
+    """
+
+    def __init__(self, paths: list[Path], prompts: list[str], resolution: int) -> None:
+        if not paths:
+            raise ValueError("ImageDataset: no images")
+        self.paths, self.prompts = paths, prompts
+        self.resolution, _ = _check_resolution(resolution, None)
+
+    @classmethod
+    def from_root(cls, root: str | Path, resolution: int, prompt: str, prompt_override: str | None = None
+                  ) -> ImageDataset:
+        root = Path(root)
+        prompt_file = root if root.is_file() else root / PROMPT_FILE
+        if prompt_file.is_file():
+            records = read_prompt_jsonl(prompt_file, require_target=True)
+            paths = [r.target for r in records if r.target is not None]
+            prompts = [prompt_override or r.prompt for r in records]
+            return cls(paths, prompts, resolution)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root: no such folder or prompt file: {root}")
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        if not paths:
+            raise ValueError(f"data.root {root}: no {PROMPT_FILE} and no images "
+                             f"({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}) in it")
+        return cls(paths, [prompt_override or prompt] * len(paths), resolution)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        rgb = _resize_rgb(read_image_rgb(self.paths[index]), self.resolution)
+        return {"image": torch.from_numpy(_rgb_to_signed(rgb)), "prompt": self.prompts[index],
+                "name": self.paths[index].stem}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ldm.autoencoder import AutoencoderKL, IdentityFirstStage
 from ldm.checkpoint import load_state_dict, load_strict
+from ldm.model import LatentDiffusion
 from ldm.schedule import Schedule
 from ldm.text_encoder import FrozenCLIPTextEncoder
 from ldm.unet import UNetModel
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset
 from cldm.controlnet import ControlNet
 from cldm.model import ControlLDM
 from siamese.config import ExperimentConfig, FirstStageConfig, ModelConfig
-from siamese.data import MaskImageDataset, SyntheticLesionDataset
+from siamese.data import ImageDataset, MaskImageDataset, SyntheticLesionDataset
 from siamese.model import SiameseDiffusion
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,18 @@ def build_first_stage(cfg: FirstStageConfig) -> AutoencoderKL | IdentityFirstSta
                          double_z=dd.double_z, scale_factor=cfg.scale_factor)
 
 
+def build_schedule(cfg: ModelConfig) -> Schedule:
+    sch = cfg.schedule
+    return Schedule.from_config(sch.beta_schedule, sch.timesteps, sch.linear_start, sch.linear_end)
+
+
+def build_latent_diffusion(cfg: ModelConfig) -> LatentDiffusion:
+    """SD itself (UNet, first stage, text encoder, schedule) without a ControlNet: what base pretraining trains and
+    exports, under the SD1.5 key layout that ``tool_add_control.py`` takes."""
+    return LatentDiffusion(UNetModel(cfg.unet), build_first_stage(cfg.first_stage),
+                           FrozenCLIPTextEncoder(cfg.text_encoder), build_schedule(cfg))
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> ControlLDM:
     """The full model with freshly initialised weights (load a checkpoint with ``load_weights``).
 
@@ -45,12 +58,9 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> C
     if device is not None:
         with torch.device(device):
             return build_model(cfg).to(device)
-    sch = cfg.schedule
     return ControlLDM(unet=UNetModel(cfg.unet), control=ControlNet(cfg.unet, cfg.control),
-                      first_stage=build_first_stage(cfg.first_stage), text_encoder=FrozenCLIPTextEncoder(
-                          cfg.text_encoder),
-                      schedule=Schedule.from_config(sch.beta_schedule, sch.timesteps, sch.linear_start,
-                                                    sch.linear_end))
+                      first_stage=build_first_stage(cfg.first_stage),
+                      text_encoder=FrozenCLIPTextEncoder(cfg.text_encoder), schedule=build_schedule(cfg))
 
 
 def load_weights(model: ControlLDM, path: str | Path, *, unsafe_pickle: bool = False,
@@ -77,6 +87,14 @@ def build_dataset(cfg: ExperimentConfig) -> Dataset:
                                       hint_resolution=cfg.hint_size, **kwargs)
     return MaskImageDataset(cfg.data.root, cfg.data.resolution, hint_resolution=cfg.hint_size,
                             prompt_override=cfg.data.prompt)
+
+
+def build_image_dataset(cfg: ExperimentConfig) -> Dataset:
+    """Images (and prompts) for base pretraining: ``data.root`` as a prompt.json layout or a plain folder of images,
+    or the built-in generated images when it is null."""
+    if cfg.data.root is None:
+        return build_dataset(cfg)  # the generated pairs; pretraining reads only their images and prompts
+    return ImageDataset.from_root(cfg.data.root, cfg.data.resolution, cfg.sample.prompt, cfg.data.prompt)
 
 
 def meta_model(cfg: ModelConfig) -> ControlLDM:

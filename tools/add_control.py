@@ -16,10 +16,10 @@ import logging
 import time
 from pathlib import Path
 
-from ldm.checkpoint import load_state_dict, save_state_dict
+from ldm.checkpoint import load_state_dict, read_metadata, save_state_dict
 
 from cldm.convert import add_control, expected_state, fresh_control_weights
-from siamese.config import checkpoint_metadata, load_config
+from siamese.config import check_same_latents, checkpoint_metadata, load_config
 from siamese.factory import meta_model
 from tools._cli import add_common_flags, check_output, list_keys, make_parser, run
 
@@ -31,17 +31,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = make_parser("tool_add_control.py", __doc__)
     p.add_argument("sd_ckpt", type=Path, help="Stable Diffusion 1.x checkpoint (.safetensors, .ckpt, .pt, .pth)")
     p.add_argument("out", type=Path, help="output checkpoint (.safetensors, or .ckpt/.pt/.pth)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. "
+                                                                     "model.first_stage.scale_factor=0.5")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help="experiment config: model geometry and hint encoder (default: configs/siamese_sd15.yaml)")
     p.add_argument("--seed", type=int, default=0, help="seed of the hint encoder's initialisation (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     add_common_flags(p)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # KEY=VALUE overrides may follow the options
 
 
 def _body(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     out = check_output(args.out, force=args.force)
+    check_same_latents(cfg, read_metadata(args.sd_ckpt), str(args.sd_ckpt))
     start = time.perf_counter()
     model = meta_model(cfg.model)
     logger.info("reading %s", args.sd_ckpt)

@@ -16,19 +16,22 @@ import logging
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+
+from ldm.checkpoint import read_metadata
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from cldm.callbacks import EMACallback, FinalCheckpoint, ImageLogger, StepProgressBar
 from cldm.data_order import StepSampler
-from cldm.lightning import ControlNetModule, TrainSettings
+from cldm.lightning import ControlNetModule, TrainModule, TrainSettings
 from cldm.strategy import make_strategy
-from siamese.config import ConfigError, ExperimentConfig, load_config, save_config, to_yaml
+from siamese.config import ConfigError, ExperimentConfig, check_same_latents, load_config, save_config, to_yaml
 from siamese.factory import build_dataset, build_model, load_weights
 from siamese.lightning import SiameseModule
 
@@ -40,6 +43,7 @@ _STEP_RE = re.compile(r"step=(\d+)")
 def build_module(cfg: ExperimentConfig, *, unsafe_pickle: bool = False) -> ControlNetModule:
     net = build_model(cfg.model)
     if cfg.train.init_ckpt:
+        check_same_latents(cfg, read_metadata(cfg.train.init_ckpt), f"train.init_ckpt {cfg.train.init_ckpt}")
         load_weights(net, cfg.train.init_ckpt, unsafe_pickle=unsafe_pickle)
     else:
         logger.warning("train.init_ckpt is null: training from random weights (fine for the tiny demo only)")
@@ -77,10 +81,9 @@ def resolve_resume(cfg: ExperimentConfig, resume: str | None) -> str | None:
     return resume
 
 
-def _fixed_samples(dataset, count: int) -> dict:
-    items = [dataset[i] for i in range(min(count, len(dataset)))]
-    return {"mask_hint": torch.stack([x["mask_hint"] for x in items]),
-            "image": torch.stack([x["image"] for x in items]), "prompt": [x["prompt"] for x in items]}
+def _fixed_samples(dataset: Dataset, count: int) -> dict:
+    """The first ``count`` items, collated: the image logger's fixed samples."""
+    return default_collate([dataset[i] for i in range(min(count, len(dataset)))])
 
 
 def make_trainer(cfg: ExperimentConfig) -> pl.Trainer:
@@ -102,14 +105,21 @@ def make_trainer(cfg: ExperimentConfig) -> pl.Trainer:
                       use_distributed_sampler=False)  # StepSampler splits the data across ranks itself
 
 
-def train(cfg: ExperimentConfig, *, resume: str | None = None, unsafe_pickle: bool = False) -> pl.Trainer:
-    """Run training as configured; returns the finished Trainer (its checkpoint callback knows the files)."""
+def train(cfg: ExperimentConfig, *, resume: str | None = None, unsafe_pickle: bool = False,
+          build: Callable[[ExperimentConfig], tuple[TrainModule, Dataset]] | None = None) -> pl.Trainer:
+    """Run training as configured; returns the finished Trainer (its checkpoint callback knows the files).
+
+    ``build(cfg) -> (module, dataset)`` replaces the default (the ControlNet / Siamese module from the config and the
+    training pairs): base pretraining runs its stages through this same trainer, checkpointing and resume.
+    """
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     # The frozen VAE and text encoder stay in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     ckpt_path = resolve_resume(cfg, resume)
-    module = build_module(cfg, unsafe_pickle=unsafe_pickle)
-    dataset = build_dataset(cfg)
+    if build is None:
+        module, dataset = build_module(cfg, unsafe_pickle=unsafe_pickle), build_dataset(cfg)
+    else:
+        module, dataset = build(cfg)
     if len(dataset) < cfg.train.batch_size:
         raise ConfigError(f"the dataset has {len(dataset)} pairs, fewer than train.batch_size={cfg.train.batch_size}")
     # The data order is a function of (seed, global step): a resumed run continues the interrupted epoch exactly.
