@@ -14,6 +14,7 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ldm.checkpoint import SAFETENSORS_SUFFIXES, read_metadata
 from ldm.schedule import BETA_KINDS
 from ldm.text_encoder import TextEncoderConfig
 from ldm.unet import UNetConfig
@@ -100,6 +101,9 @@ class DataConfig:
     prompt: str | None = None  # overrides every prompt when set; the generated data's prompt otherwise
     synthetic_samples: int = 64
     num_workers: int = 2
+    # Masks: foreground = gray > mask_threshold (0..254). null → automatic: a mask whose values are all in {0, 1} is
+    # a label mask (foreground = 1), any other mask uses 127 (the released code's threshold).
+    mask_threshold: int | None = None
 
 
 @dataclass(frozen=True)
@@ -270,6 +274,10 @@ def check(cfg: ExperimentConfig, where: str = "config") -> None:
             fail(f"train.{key} must be > 0, got {getattr(cfg.train, key)}")
     if cfg.train.lr <= 0:
         fail(f"train.lr must be > 0, got {cfg.train.lr}")
+    threshold = cfg.data.mask_threshold
+    if threshold is not None and (isinstance(threshold, bool) or not 0 <= threshold <= 254):
+        fail(f"data.mask_threshold must be an 8-bit gray level in 0..254 or null (automatic: 0/1 label masks → "
+             f"foreground = 1, others → 127), got {threshold}")
     if cfg.data.root is None and cfg.data.synthetic_samples <= 0:
         fail("data.synthetic_samples must be > 0 when data.root is null (generated data)")
     for name in PRETRAIN_STAGES:
@@ -333,14 +341,16 @@ def config_from_metadata(meta: dict[str, str], where: str) -> ExperimentConfig |
     return load_config(None, text=text, where=f"{where} (metadata {METADATA_CONFIG})")
 
 
-def check_same_latents(cfg: ExperimentConfig, meta: dict[str, str], where: str) -> None:
-    """A checkpoint this framework wrote carries its config: its latent scale factor must be the config's.
+def check_same_latents(cfg: ExperimentConfig, path: str | Path, where: str) -> None:
+    """A safetensors checkpoint this framework wrote carries its config: its latent scale factor must be the config's.
 
     A pretrained base calibrates ``model.first_stage.scale_factor`` to its own VAE; training or converting it under
-    another factor silently trains on latents of the wrong variance. Checkpoints without a config (SD1.5 files)
-    pass.
+    another factor silently trains on latents of the wrong variance. Only the safetensors header is read (a pickled
+    .ckpt would have to be loaded whole); checkpoints without a config (SD1.5 files) pass.
     """
-    embedded = config_from_metadata(meta, where)
+    if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return
+    embedded = config_from_metadata(read_metadata(path), where)
     if embedded is None:
         return
     theirs, ours = embedded.model.first_stage.scale_factor, cfg.model.first_stage.scale_factor

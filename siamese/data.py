@@ -3,11 +3,13 @@
 The on-disk layout is the one of ControlNet's tutorial and the released Siamese-Diffusion code: a root folder with a
 JSONL ``prompt.json`` whose lines are ``{"source": mask, "target": image, "prompt": text}``. Samples follow the
 released preprocessing: the mask is binarised at gray level 127 *before* a nearest-neighbour resize (so it stays
-binary), the image is resized to a square ``resolution`` (aspect ratio is not preserved, as in the original) and
-scaled to [-1, 1]. Hints are channels-first in [0, 1]: ``mask_hint`` = the mask replicated to 3 channels and
-``image_hint`` = (image + 1) / 2, the image-branch hint of the paper. Prompt dropout is a training-time choice and is
-left to the model. ``SyntheticLesionDataset`` draws procedural "tissue with a lesion" pairs so tiny configs, tests
-and the demo run without any medical data on disk (none is redistributable or installable offline).
+binary; 0/1 label masks are recognised in the automatic mode, see ``siamese.masks``), the image is resized to a
+square ``resolution`` (aspect ratio is not preserved, as in the original) and scaled to [-1, 1]. Hints are
+channels-first in [0, 1]: ``mask_hint`` = the mask replicated to 3 channels and ``image_hint`` = (image + 1) / 2,
+the image-branch hint of the paper. Prompt dropout is a training-time choice and is left to the model. Images of
+any common storage form load as 8-bit RGB: gray is replicated to three channels, 16-bit is scaled (value // 257,
+never clipped), alpha is dropped. ``SyntheticLesionDataset`` draws procedural "tissue with a lesion" pairs so tiny
+configs, tests and the demo run without any medical data on disk (none is redistributable or installable offline).
 """
 
 from __future__ import annotations
@@ -15,22 +17,37 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from siamese.masks import DEFAULT_THRESHOLD, mask_to_png, read_mask, resize_mask
+from siamese.masks import (
+    AUTO_THRESHOLD,
+    DEFAULT_THRESHOLD,
+    binarize_mask,
+    is_label_mask,
+    mask_to_png,
+    read_mask_gray,
+    resize_mask,
+)
 
 __all__ = [
     "ImageDataset",
     "MaskImageDataset",
     "PairRecord",
     "SyntheticLesionDataset",
+    "aspect_ratios_differ",
+    "decode_image",
+    "header_size",
+    "image_to_rgb8",
     "make_sample",
+    "parse_prompt_line",
     "read_image_rgb",
     "read_prompt_jsonl",
     "synthetic_pair",
@@ -52,7 +69,9 @@ class PairRecord:
     prompt: str
 
 
-def _resolve(value: object, key: str, base: Path, where: str) -> Path:
+def resolve_record_path(value: object, key: str, base: Path, where: str) -> Path:
+    """The file a ``source``/``target`` value names: absolute, or relative to ``base`` (the JSONL's folder) and
+    then to the working directory. Raises ValueError for a non-string value, FileNotFoundError for no file."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{where}: key '{key}' must be a non-empty string path, got {value!r}")
     path = Path(value).expanduser()
@@ -68,11 +87,36 @@ def _resolve(value: object, key: str, base: Path, where: str) -> Path:
     raise FileNotFoundError(f"{where}: '{key}' file not found: {value} (looked in {', '.join(map(str, candidates))})")
 
 
+def parse_prompt_line(text: str, *, require_target: bool = True) -> dict:
+    """Parse and check one non-blank JSONL line; ValueError says what is wrong (without the location).
+
+    Checks the JSON, that it is an object, the keys (source, prompt and, with ``require_target``, target), that
+    the prompt is a string and that the paths are non-empty strings. Files are not looked up here.
+    """
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as error:
+        hint = " (expected one JSON object per line, not a JSON array)" if text.startswith("[") else ""
+        raise ValueError(f"invalid JSON: {error.msg} at column {error.colno}{hint}") from None
+    if not isinstance(item, dict):
+        raise ValueError(f"expected a JSON object with source/target/prompt, got {type(item).__name__}")
+    needed = ("source", "target", "prompt") if require_target else ("source", "prompt")
+    missing = [key for key in needed if key not in item]
+    if missing:
+        raise ValueError(f"missing key(s) {', '.join(missing)} (expected {', '.join(needed)})")
+    if not isinstance(item["prompt"], str):
+        raise ValueError(f"key 'prompt' must be a string, got {item['prompt']!r}")
+    for key in needed[:-1]:
+        if not isinstance(item[key], str) or not item[key]:
+            raise ValueError(f"key '{key}' must be a non-empty string path, got {item[key]!r}")
+    return item
+
+
 def read_prompt_jsonl(path: str | Path, *, require_target: bool = True) -> list[PairRecord]:
     """Parse a JSONL prompt file into records, checking that every referenced file exists.
 
     Relative paths are resolved against the file's folder first, then the current directory. Blank lines are
-    skipped. Every problem raises one line naming the file and line number.
+    skipped. Every problem raises one line naming the file and line number (``python -m tools.doctor`` lists all).
     """
     path = Path(path)
     if not path.is_file():
@@ -86,38 +130,71 @@ def read_prompt_jsonl(path: str | Path, *, require_target: bool = True) -> list[
                 continue
             where = f"{path}:{lineno}"
             try:
-                item = json.loads(text)
-            except json.JSONDecodeError as error:
-                hint = " (expected one JSON object per line, not a JSON array)" if text.startswith("[") else ""
-                raise ValueError(f"{where}: invalid JSON: {error.msg} at column {error.colno}{hint}") from None
-            if not isinstance(item, dict):
-                kind = type(item).__name__
-                raise ValueError(f"{where}: expected a JSON object with source/target/prompt, got {kind}")
-            needed = ("source", "target", "prompt") if require_target else ("source", "prompt")
-            missing = [key for key in needed if key not in item]
-            if missing:
-                raise ValueError(f"{where}: missing key(s) {', '.join(missing)} (expected {', '.join(needed)})")
-            prompt = item["prompt"]
-            if not isinstance(prompt, str):
-                raise ValueError(f"{where}: key 'prompt' must be a string, got {prompt!r}")
-            source = _resolve(item["source"], "source", base, where)
-            target = _resolve(item["target"], "target", base, where) if require_target else None
-            records.append(PairRecord(source=source, target=target, prompt=prompt))
+                item = parse_prompt_line(text, require_target=require_target)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
+            source = resolve_record_path(item["source"], "source", base, where)
+            target = resolve_record_path(item["target"], "target", base, where) if require_target else None
+            records.append(PairRecord(source=source, target=target, prompt=item["prompt"]))
     if not records:
         raise ValueError(f"{path}: no records (the file is empty; expected JSONL lines with source/target/prompt)")
     return records
 
 
+def decode_image(raw: np.ndarray, path: str | Path) -> np.ndarray:
+    """Decode an encoded image file's bytes at native depth and channel count (``cv2.IMREAD_UNCHANGED``).
+
+    Unlike ``IMREAD_COLOR`` this does not apply EXIF orientation, like the mask reader: a pair stays aligned.
+    """
+    array = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
+    if array is None:
+        raise ValueError(f"cannot decode image {path} (expected a PNG/JPEG/BMP/TIFF file)")
+    return array
+
+
+def image_to_rgb8(array: np.ndarray, path: str | Path = "<array>") -> np.ndarray:
+    """Convert a decoded image (OpenCV channel order) to uint8 RGB H×W×3, explicitly for every storage form.
+
+    2-D gray (or H×W×1) → three identical channels; 3-channel BGR → RGB; 4-channel BGRA → RGB, alpha dropped;
+    uint16 → uint8 by ``value // 257`` (65535 → 255; scaled, never clipped). Other depths raise ValueError.
+    """
+    if array.dtype == np.uint16:
+        array = (array // 257).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"image {path}: pixel type {array.dtype} is not supported (expected 8- or 16-bit integers)")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return cv2.cvtColor(array, cv2.COLOR_GRAY2RGB)
+    if array.ndim == 3 and array.shape[2] == 3:
+        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    if array.ndim == 3 and array.shape[2] == 4:
+        return cv2.cvtColor(array, cv2.COLOR_BGRA2RGB)
+    raise ValueError(f"image {path}: shape {array.shape} is not supported (expected gray, BGR or BGRA)")
+
+
 def read_image_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 RGB H×W×3 (gray and 16-bit files are converted by OpenCV)."""
+    """Read an image file as uint8 RGB H×W×3 (gray → 3 channels, 16-bit → value // 257, alpha dropped)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    raw = np.fromfile(path, dtype=np.uint8)
-    bgr = cv2.imdecode(raw, cv2.IMREAD_COLOR) if raw.size else None
-    if bgr is None:
-        raise ValueError(f"cannot decode image {path} (expected a PNG/JPEG/BMP/TIFF file)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return image_to_rgb8(decode_image(np.fromfile(path, dtype=np.uint8), path), path)
+
+
+def header_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file from its header only (PIL reads no pixel data until asked)."""
+    with warnings.catch_warnings():
+        # Large scans trip PIL's decompression-bomb warning; nothing is decoded here.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            width, height = image.size
+    return height, width
+
+
+def aspect_ratios_differ(image_hw: tuple[int, int], mask_hw: tuple[int, int]) -> bool:
+    """True when an image and a mask cannot line up: their aspect ratios differ by more than 1 %."""
+    (ih, iw), (mh, mw) = image_hw, mask_hw
+    return abs(ih * mw - iw * mh) > 0.01 * ih * mw
 
 
 def _resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -162,12 +239,19 @@ def _check_resolution(resolution: int, hint_resolution: int | None) -> tuple[int
     return resolution, hint
 
 
+MASK_RULE_PROBE = 32  # masks read when a dataset is built, to log which binarisation rule applies
+
+
 class MaskImageDataset(Dataset):
     """Mask-image pairs listed in ``root/prompt.json`` (``root`` may also be the JSONL file itself).
 
     Items: ``image`` float32 3×R×R in [-1, 1] (RGB), ``mask_hint`` float32 3×h×h in {0, 1}, ``image_hint``
     float32 3×h×h in [0, 1], ``prompt`` (``prompt_override`` when given), ``name`` (the mask's file stem),
     with R = ``resolution`` and h = ``hint_resolution`` (defaults to R).
+
+    ``threshold`` (``data.mask_threshold``): ``None`` (automatic) reads each mask whose values are all in {0, 1}
+    as a label mask (foreground = 1) and any other at gray > 127; an integer T keeps gray > T for every mask.
+    In the automatic mode a few masks are read at construction to log once which rule applies.
     """
 
     def __init__(
@@ -177,26 +261,79 @@ class MaskImageDataset(Dataset):
         hint_resolution: int | None = None,
         prompt_override: str | None = None,
         *,
-        threshold: int = DEFAULT_THRESHOLD,
+        threshold: int | None = AUTO_THRESHOLD,
     ) -> None:
         self.resolution, self.hint_resolution = _check_resolution(resolution, hint_resolution)
+        if threshold is not None and (isinstance(threshold, bool) or not 0 <= int(threshold) <= 254):
+            raise ValueError(f"threshold {threshold!r} must lie in 0..254 (an 8-bit gray level) or be None (automatic)")
         root = Path(root)
         self.prompt_file = root if root.is_file() else root / PROMPT_FILE
         self.records = read_prompt_jsonl(self.prompt_file, require_target=True)
         self.prompt_override = prompt_override
         self.threshold = threshold
+        if threshold is None:
+            self._log_mask_rule()
+
+    def _log_mask_rule(self) -> None:
+        """Log once which rule the automatic mode applies, from up to MASK_RULE_PROBE masks spread over the list."""
+        count = len(self.records)
+        picks = sorted({i * count // MASK_RULE_PROBE for i in range(MASK_RULE_PROBE)}) if count > MASK_RULE_PROBE \
+            else range(count)
+        labels = read = 0
+        for index in picks:
+            try:
+                gray = read_mask_gray(self.records[index].source)
+            except (OSError, ValueError):
+                continue  # reported with its record when the item is loaded
+            read += 1
+            labels += is_label_mask(gray)
+        scope = f"{read} files" if read == count else f"{read} sampled files"
+        if labels:
+            logger.info("masks: 0/1 label images detected (%d of %s): foreground = value 1; other masks: gray > %d "
+                        "(data.mask_threshold: auto)", labels, scope, DEFAULT_THRESHOLD)
+        else:
+            logger.info("masks: foreground = gray > %d (no 0/1 label images among %s; data.mask_threshold: auto)",
+                        DEFAULT_THRESHOLD, scope)
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def read_mask(self, index: int) -> np.ndarray:
+        """Record ``index``'s mask as uint8 {0, 1} at its file's size, by this dataset's threshold rule."""
+        source = self.records[index].source
+        gray = read_mask_gray(source)
+        return binarize_mask(gray, self.threshold)
+
+    def check_pairs(self) -> None:
+        """Check every pair's image/mask aspect ratio from the file headers only (no pixel is decoded).
+
+        Cheap enough to run before a long training run; raises one ValueError naming the first bad pair (or the
+        first file whose header cannot be read) and how many pairs are bad.
+        """
+        bad: list[str] = []
+        for index, record in enumerate(self.records):
+            assert record.target is not None  # guaranteed by require_target=True
+            try:
+                image_hw, mask_hw = header_size(record.target), header_size(record.source)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                bad.append(f"record {index}: cannot read the image size of {record.target} or {record.source} "
+                           f"({error})")
+                continue
+            if aspect_ratios_differ(image_hw, mask_hw):
+                bad.append(f"record {index}: mask {record.source} is {mask_hw[0]}×{mask_hw[1]} but image "
+                           f"{record.target} is {image_hw[0]}×{image_hw[1]} (aspect ratios differ)")
+        if bad:
+            raise ValueError(f"{self.prompt_file}: {len(bad)} of {len(self.records)} pairs cannot line up; first: "
+                             f"{bad[0]} (python -m tools.doctor lists them all)")
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         record = self.records[index]
         assert record.target is not None  # guaranteed by require_target=True
         rgb = read_image_rgb(record.target)
-        mask01 = read_mask(record.source, self.threshold)
-        (ih, iw), (mh, mw) = rgb.shape[:2], mask01.shape
+        mask01 = self.read_mask(index)
         # Different sizes are fine (both are resized), different aspect ratios mean the pair cannot line up.
-        if abs(ih * mw - iw * mh) > 0.01 * ih * mw:
+        if aspect_ratios_differ(rgb.shape[:2], mask01.shape):
+            (ih, iw), (mh, mw) = rgb.shape[:2], mask01.shape
             raise ValueError(
                 f"{self.prompt_file} record {index}: mask {record.source} is {mh}×{mw} but image {record.target} "
                 f"is {ih}×{iw} (aspect ratios differ)"

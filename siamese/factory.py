@@ -86,7 +86,7 @@ def build_dataset(cfg: ExperimentConfig) -> Dataset:
         return SyntheticLesionDataset(cfg.data.synthetic_samples, cfg.data.resolution, seed=cfg.train.seed,
                                       hint_resolution=cfg.hint_size, **kwargs)
     return MaskImageDataset(cfg.data.root, cfg.data.resolution, hint_resolution=cfg.hint_size,
-                            prompt_override=cfg.data.prompt)
+                            prompt_override=cfg.data.prompt, threshold=cfg.data.mask_threshold)
 
 
 def build_image_dataset(cfg: ExperimentConfig) -> Dataset:

@@ -2,11 +2,14 @@
 
 Siamese-Diffusion conditions on binary segmentation masks. The released dataset code converts every mask to
 8-bit grayscale (ITU-R 601 luma, as PIL's ``convert('L')`` and OpenCV's ``BGR2GRAY`` both do) and keeps pixels
-``> 127`` as foreground; this module reproduces that convention for gray, BGR and 16-bit inputs. Two details of
-the original are deliberately not carried over: saved masks are exactly 0/255 (the original wrote masks through a
-uint8 wrap-around and dithering path that added spurious foreground pixels), and the "Random" mask protocol of the
-paper's segmentation tables (flip, scale, shift of training masks) is an explicit, seeded, frozen configuration
-instead of ad-hoc code. Everything here works on numpy arrays so sampling and data loading can share it.
+``> 127`` as foreground; this module reproduces that convention for gray, BGR and 16-bit inputs. Label masks stored
+as 0/1 (common in medical datasets) would all come out empty under that rule, so the automatic mode
+(``threshold=None``, ``data.mask_threshold: null``) reads a mask whose values are all in {0, 1} as a label mask
+(foreground = 1) and any other mask at gray level 127. Two details of the original are deliberately not carried
+over: saved masks are exactly 0/255 (the original wrote masks through a uint8 wrap-around and dithering path that
+added spurious foreground pixels), and the "Random" mask protocol of the paper's segmentation tables (flip, scale,
+shift of training masks) is an explicit, seeded, frozen configuration instead of ad-hoc code. Everything here works
+on numpy arrays so sampling and data loading can share it.
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ __all__ = [
     "MaskAugment",
     "augment_mask",
     "binarize_mask",
+    "is_label_mask",
+    "mask_to_gray",
     "mask_to_png",
     "read_mask",
+    "read_mask_gray",
     "resize_mask",
+    "resolve_threshold",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 127  # the released dataset code keeps gray values > 127 as foreground
+AUTO_THRESHOLD = None  # threshold=None: 0/1 label masks → foreground = 1, any other mask → DEFAULT_THRESHOLD
 
 
 def _to_uint8(mask: np.ndarray) -> np.ndarray:
@@ -42,12 +50,17 @@ def _to_uint8(mask: np.ndarray) -> np.ndarray:
     raise ValueError(f"mask dtype {mask.dtype} is not supported (expected uint8, uint16 or bool)")
 
 
-def binarize_mask(mask: np.ndarray, threshold: int = DEFAULT_THRESHOLD) -> np.ndarray:
-    """Return a single-channel uint8 {0, 1} mask: 1 where the 8-bit gray value is ``> threshold``.
+def _check_threshold(threshold: int | None) -> None:
+    if threshold is not None and not 0 <= int(threshold) <= 254:
+        raise ValueError(f"threshold {threshold} must lie in 0..254 (an 8-bit gray level) or be None (automatic)")
+
+
+def mask_to_gray(mask: np.ndarray) -> np.ndarray:
+    """Reduce a mask array to uint8 8-bit gray H×W: the value every threshold refers to.
 
     Accepts H×W, H×W×1, H×W×3 (BGR, OpenCV order) and H×W×4 (BGRA; alpha ignored) arrays of dtype uint8 or
-    uint16 (scaled to 8 bit first, so the threshold always refers to the 0..255 range). Boolean arrays are taken
-    as already binary. Colour masks are reduced to luma, exactly like the original's ``convert('L')``.
+    uint16 (scaled to 8 bit, 65535 → 255), and bool arrays (True → 1). Colour is reduced to luma, exactly like the
+    original's ``convert('L')``.
     """
     if not isinstance(mask, np.ndarray):
         raise TypeError(f"mask must be a numpy array, got {type(mask).__name__}")
@@ -61,26 +74,53 @@ def binarize_mask(mask: np.ndarray, threshold: int = DEFAULT_THRESHOLD) -> np.nd
         raise ValueError(f"mask shape {mask.shape} is not supported (expected H×W, H×W×1, H×W×3 or H×W×4)")
     if mask.shape[0] == 0 or mask.shape[1] == 0:
         raise ValueError(f"mask shape {mask.shape} is empty")
-    if not 0 <= int(threshold) <= 254:
-        raise ValueError(f"threshold {threshold} must lie in 0..254 (an 8-bit gray level)")
     if mask.dtype == np.bool_:
-        gray = mask if channels == 1 else mask[:, :, :3].any(axis=2)
-        return gray.astype(np.uint8)
+        return (mask if channels == 1 else mask[:, :, :3].any(axis=2)).astype(np.uint8)
     mask8 = np.ascontiguousarray(_to_uint8(mask))
     if channels == 3:
-        gray = cv2.cvtColor(mask8, cv2.COLOR_BGR2GRAY)
-    elif channels == 4:
-        gray = cv2.cvtColor(mask8, cv2.COLOR_BGRA2GRAY)
-    else:
-        gray = mask8
-    out = (gray > threshold).astype(np.uint8)
+        return cv2.cvtColor(mask8, cv2.COLOR_BGR2GRAY)
+    if channels == 4:
+        return cv2.cvtColor(mask8, cv2.COLOR_BGRA2GRAY)
+    return mask8
+
+
+def is_label_mask(gray: np.ndarray) -> bool:
+    """True for a 0/1 label mask: every value in {0, 1} and at least one 1 (an all-zero mask is just empty)."""
+    return int(gray.max()) == 1
+
+
+def resolve_threshold(gray: np.ndarray, threshold: int | None) -> int:
+    """The gray level a mask is binarised at: ``threshold`` itself, or for ``None`` (automatic) 0 for a 0/1 label
+    mask (foreground = 1) and ``DEFAULT_THRESHOLD`` for anything else."""
+    if threshold is not None:
+        return int(threshold)
+    return 0 if int(gray.max()) <= 1 else DEFAULT_THRESHOLD
+
+
+def binarize_mask(mask: np.ndarray, threshold: int | None = DEFAULT_THRESHOLD) -> np.ndarray:
+    """Return a single-channel uint8 {0, 1} mask: 1 where the 8-bit gray value is ``> threshold``.
+
+    Accepts H×W, H×W×1, H×W×3 (BGR, OpenCV order) and H×W×4 (BGRA; alpha ignored) arrays of dtype uint8 or
+    uint16 (scaled to 8 bit first, so the threshold always refers to the 0..255 range). Boolean arrays are taken
+    as already binary. Colour masks are reduced to luma, exactly like the original's ``convert('L')``.
+    ``threshold=None`` is the automatic rule (:func:`resolve_threshold`): 0/1 label masks keep their 1s.
+    """
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"mask must be a numpy array, got {type(mask).__name__}")
+    _check_threshold(threshold)
+    if mask.dtype == np.bool_:
+        return mask_to_gray(mask)
+    gray = mask_to_gray(mask)
+    level = resolve_threshold(gray, threshold)
+    out = (gray > level).astype(np.uint8)
     if not out.any() and gray.any():
         # The classic silent failure: label masks stored as 0/1 (or faint colours) all fall below the threshold.
         logger.warning(
             "mask has non-zero values (max gray %d) but none above threshold %d: the binarised mask is empty; "
-            "if masks are stored as 0/1 labels, use threshold=0",
+            "if masks are stored as 0/1 labels, use threshold=None (automatic; data.mask_threshold: null) "
+            "or threshold=0",
             int(gray.max()),
-            threshold,
+            level,
         )
     return out
 
@@ -123,9 +163,7 @@ def resize_mask(mask01: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask01, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
-def read_mask(path: str | Path, threshold: int = DEFAULT_THRESHOLD) -> np.ndarray:
-    """Read a mask image (any bit depth / channel count OpenCV decodes) and binarise it to uint8 {0, 1}."""
-    path = Path(path)
+def _decode_mask(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"mask file not found: {path}")
     # np.fromfile + imdecode instead of cv2.imread: works with non-ASCII paths and tells "unreadable" apart.
@@ -133,6 +171,27 @@ def read_mask(path: str | Path, threshold: int = DEFAULT_THRESHOLD) -> np.ndarra
     image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
     if image is None:
         raise ValueError(f"cannot decode mask image {path} (expected a PNG/JPEG/BMP/TIFF file)")
+    return image
+
+
+def read_mask_gray(path: str | Path) -> np.ndarray:
+    """Read a mask file (any bit depth / channel count OpenCV decodes) as uint8 8-bit gray H×W, not binarised."""
+    path = Path(path)
+    image = _decode_mask(path)
+    try:
+        return mask_to_gray(image)
+    except ValueError as error:
+        raise ValueError(f"mask {path}: {error}") from None
+
+
+def read_mask(path: str | Path, threshold: int | None = AUTO_THRESHOLD) -> np.ndarray:
+    """Read a mask image (any bit depth / channel count OpenCV decodes) and binarise it to uint8 {0, 1}.
+
+    The default ``threshold=None`` is the automatic rule: a 0/1 label mask keeps its 1s as foreground, any other
+    mask is foreground where gray > 127 (identical to ``threshold=127`` for every mask that is not 0/1).
+    """
+    path = Path(path)
+    image = _decode_mask(path)
     try:
         return binarize_mask(image, threshold)
     except ValueError as error:
