@@ -247,6 +247,33 @@ def test_cli_help_dry_run_and_bad_config(capsys, tmp_path):
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_dry_run_checks_the_paths_a_run_needs(tmp_path, caplog):
+    caplog.set_level(logging.ERROR)
+    assert train_tool.main(["--config", str(TINY), "--dry-run", f"data.root={tmp_path / 'nowhere'}"]) == 1
+    assert f"data.root not found: {tmp_path / 'nowhere'}" in caplog.text
+    assert train_tool.main(["--config", str(TINY), "--dry-run", f"data.root={tmp_path}"]) == 1
+    assert "has no prompt.json" in caplog.text
+    write_synthetic_dataset(tmp_path / "data", 2, 16)
+    assert train_tool.main(["--config", str(TINY), "--dry-run", f"data.root={tmp_path / 'data'}",
+                            f"train.init_ckpt={tmp_path / 'init.safetensors'}"]) == 1
+    assert "train.init_ckpt not found" in caplog.text
+    assert train_tool.main(["--config", str(TINY), "--dry-run", f"data.root={tmp_path / 'data'}"]) == 0
+
+
+def test_a_pair_that_cannot_line_up_fails_before_the_first_step(tmp_path, caplog):
+    import cv2
+    import numpy as np
+
+    write_synthetic_dataset(tmp_path / "data", 4, 16)
+    cv2.imwrite(str(tmp_path / "data" / "masks" / "synthetic_000002.png"), np.zeros((16, 24), np.uint8))
+    caplog.set_level(logging.ERROR)
+    out = tmp_path / "run"
+    assert train_tool.main(["--config", str(TINY), f"data.root={tmp_path / 'data'}", f"train.output_dir={out}",
+                            "train.total_steps=1"]) == 1
+    assert "1 of 4 pairs cannot line up" in caplog.text and "synthetic_000002" in caplog.text
+    assert not (out / "checkpoints").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

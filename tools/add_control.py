@@ -16,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from ldm.checkpoint import load_state_dict, read_metadata, save_state_dict
+from ldm.checkpoint import load_state_dict, save_state_dict
 
 from cldm.convert import add_control, expected_state, fresh_control_weights
 from siamese.config import check_same_latents, checkpoint_metadata, load_config
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _body(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = check_output(args.out, force=args.force)
-    check_same_latents(cfg, read_metadata(args.sd_ckpt), str(args.sd_ckpt))
+    check_same_latents(cfg, args.sd_ckpt, str(args.sd_ckpt))
     start = time.perf_counter()
     model = meta_model(cfg.model)
     logger.info("reading %s", args.sd_ckpt)

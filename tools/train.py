@@ -19,8 +19,6 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from ldm.checkpoint import read_metadata
-
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -32,6 +30,7 @@ from cldm.data_order import StepSampler
 from cldm.lightning import ControlNetModule, TrainModule, TrainSettings
 from cldm.strategy import make_strategy
 from siamese.config import ConfigError, ExperimentConfig, check_same_latents, load_config, save_config, to_yaml
+from siamese.data import MaskImageDataset
 from siamese.factory import build_dataset, build_model, load_weights
 from siamese.lightning import SiameseModule
 
@@ -43,7 +42,7 @@ _STEP_RE = re.compile(r"step=(\d+)")
 def build_module(cfg: ExperimentConfig, *, unsafe_pickle: bool = False) -> ControlNetModule:
     net = build_model(cfg.model)
     if cfg.train.init_ckpt:
-        check_same_latents(cfg, read_metadata(cfg.train.init_ckpt), f"train.init_ckpt {cfg.train.init_ckpt}")
+        check_same_latents(cfg, cfg.train.init_ckpt, f"train.init_ckpt {cfg.train.init_ckpt}")
         load_weights(net, cfg.train.init_ckpt, unsafe_pickle=unsafe_pickle)
     else:
         logger.warning("train.init_ckpt is null: training from random weights (fine for the tiny demo only)")
@@ -79,6 +78,18 @@ def resolve_resume(cfg: ExperimentConfig, resume: str | None) -> str | None:
     if not Path(resume).exists():
         raise ConfigError(f"--resume: checkpoint not found: {resume}")
     return resume
+
+
+def check_paths(cfg: ExperimentConfig) -> None:
+    """The files a run needs exist (data root, init checkpoint): fail in one line before any model is built."""
+    if cfg.data.root is not None:
+        root = Path(cfg.data.root)
+        if not root.exists():
+            raise FileNotFoundError(f"data.root not found: {root}")
+        if root.is_dir() and not (root / "prompt.json").is_file():
+            raise FileNotFoundError(f"data.root {root} has no prompt.json (make one with python -m tools.prepare_data)")
+    if cfg.train.init_ckpt and not Path(cfg.train.init_ckpt).is_file():
+        raise FileNotFoundError(f"train.init_ckpt not found: {cfg.train.init_ckpt} (make it with tool_add_control.py)")
 
 
 def _fixed_samples(dataset: Dataset, count: int) -> dict:
@@ -117,9 +128,12 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, unsafe_pickle: bo
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     ckpt_path = resolve_resume(cfg, resume)
     if build is None:
+        check_paths(cfg)
         module, dataset = build_module(cfg, unsafe_pickle=unsafe_pickle), build_dataset(cfg)
     else:
         module, dataset = build(cfg)
+    if isinstance(dataset, MaskImageDataset):
+        dataset.check_pairs()  # every pair's aspect ratio from the file headers: fail now, not an hour in
     if len(dataset) < cfg.train.batch_size:
         raise ConfigError(f"the dataset has {len(dataset)} pairs, fewer than train.batch_size={cfg.train.batch_size}")
     # The data order is a function of (seed, global step): a resumed run continues the interrupted epoch exactly.
@@ -149,7 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="experiment YAML (default: configs/siamese_tiny.yaml, the CPU demo on generated data)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--resume", metavar="PATH|latest", help="resume from a checkpoint (weights, optimizer, step, RNG)")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the resolved config, check that data.root and train.init_ckpt exist")
     p.add_argument("--unsafe-pickle", action="store_true",
                    help="allow loading a pickled (.ckpt) init checkpoint with arbitrary objects: trusted files only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -164,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             sys.stdout.write(to_yaml(cfg))
+            check_paths(cfg)
             return 0
         trainer = train(cfg, resume=args.resume, unsafe_pickle=args.unsafe_pickle)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
