@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siamese.data import write_synthetic_dataset
+from siamese.data import PROMPT_FILE, write_synthetic_dataset
 from tools._cli import make_parser, run
 
 
 def _body(args: argparse.Namespace) -> int:
+    if (args.out / PROMPT_FILE).exists() and not args.force:
+        raise FileExistsError(f"{args.out / PROMPT_FILE} already exists: pass --force to replace it")
     write_synthetic_dataset(args.out, args.samples, args.resolution, args.seed, overwrite=args.force)
     return 0
 
