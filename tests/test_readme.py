@@ -1,8 +1,9 @@
 """The README's tiny end-to-end workflow, run exactly as written (each line a fresh process), so it stays true.
 
-The commands are read from the README's code block after "The whole workflow on the tiny config"; ``python X.py``
-becomes this interpreter on the repository's script, and they run in a scratch directory that sees the
-repository's ``configs/`` (the relative paths of the README then resolve as they do for a user in a checkout).
+The commands are read from the README's code block after "The whole workflow on the tiny config by hand";
+``python X.py`` becomes this interpreter on the repository's script, and they run in a scratch directory that sees
+the repository's ``configs/`` and ``data/pretrained/`` (the relative paths of the README then resolve as they do for
+a user in a checkout).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-ANCHOR = "The whole workflow on the tiny config"
+ANCHOR = "The whole workflow on the tiny config by hand"
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
 
 
@@ -31,8 +32,11 @@ def workflow_commands() -> list[str]:
 
 def test_readme_tiny_workflow_runs_as_written(tmp_path):
     commands = workflow_commands()
-    assert [c.split()[1] for c in commands] == ["-m", "tutorial_train.py", "zero_to_fp32.py", "tutorial_inference.py"]
+    assert [c.split()[1] for c in commands] == ["-m", "tool_add_control.py", "tutorial_train.py", "zero_to_fp32.py",
+                                                "tool_merge_control.py", "tutorial_inference.py"]
     (tmp_path / "configs").symlink_to(REPO / "configs")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pretrained").symlink_to(REPO / "data" / "pretrained")  # the shipped tiny base
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     env["HF_HUB_OFFLINE"] = "1"
     for command in commands:
@@ -43,6 +47,7 @@ def test_readme_tiny_workflow_runs_as_written(tmp_path):
             argv[1] = str(REPO / argv[1])
         proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
-    masks = sorted((tmp_path / "runs" / "demo" / "synth" / "masks").glob("*.png"))
-    assert len(masks) == 32 and (tmp_path / "runs" / "demo" / "synth" / "grid.png").is_file()
+    synth = tmp_path / "runs" / "demo_by_hand" / "synth"
+    masks = sorted((synth / "masks").glob("*.png"))
+    assert len(masks) == 32 and (synth / "grid.png").is_file()
     assert set(np.unique(cv2.imread(str(masks[0]), cv2.IMREAD_UNCHANGED)).tolist()) <= {0, 255}
