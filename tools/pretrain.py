@@ -200,8 +200,10 @@ def pretrain(cfg: ExperimentConfig, out: Path, stages: tuple[str, ...], *, resum
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.copyfile(result, tmp)
         tmp.replace(out)
-    logger.info("base model: %s (%.0f s); next: python tool_add_control.py %s INIT.safetensors --config CFG", out,
-                time.perf_counter() - start, out)
+    scale = config_from_metadata(read_metadata(result), str(result)).model.first_stage.scale_factor
+    logger.info("base model: %s (%.0f s). Next: python tool_add_control.py %s INIT.safetensors --config CFG "
+                "model.first_stage.scale_factor=%s (and the same model.first_stage.scale_factor in the training "
+                "config)", out, time.perf_counter() - start, out, scale)
     return out
 
 
