@@ -155,3 +155,15 @@ class FinalCheckpoint(pl.Callback):
         step = trainer.global_step
         if step > 0 and step % self.every:
             trainer.save_checkpoint(self.directory / f"step={step}.ckpt")
+
+
+class AtTrainStart(pl.Callback):
+    """Run ``fn()`` on rank 0 once training starts, i.e. after a resumed checkpoint was restored: a run directory's
+    records (its config, the segment history) are written only when the run really continues."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.fn()

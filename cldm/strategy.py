@@ -5,9 +5,10 @@ checkpoints). Lightning refuses DeepSpeed on anything but CUDA GPUs, although De
 CPU accelerator over gloo. :class:`CPUDeepSpeedStrategy` lifts exactly the three CUDA assumptions of Lightning's
 ``DeepSpeedStrategy`` (plus the same device-rank assumption in the inference path) so that real ZeRO-2 code paths
 (partitioned optimizer state, ``checkpoint/`` + ``latest`` checkpoint directories, resume) run on CPU machines.
-:func:`make_strategy` maps a strategy name to what ``Trainer(strategy=...)`` expects, and
-:func:`zero_checkpoint_to_state_dict` turns a Lightning ZeRO checkpoint directory back into the LightningModule's own
-state dict with DeepSpeed's ``zero_to_fp32`` reader.
+:class:`ZeRO2Strategy` (GPU) and the CPU one save crash-safely: every rank writes into ``step=N.ckpt.partial``, rank
+0 writes the completion marker after a barrier and renames the directory, so ``step=N.ckpt`` only ever exists
+complete (``cldm.checkpoints``); with ``load_universal`` they resume from a universal checkpoint written by another
+number of ranks. :func:`make_strategy` maps a strategy name to what ``Trainer(strategy=...)`` expects.
 
 Written against pytorch-lightning 2.6.6 and deepspeed 0.19.8.
 """
@@ -15,23 +16,22 @@ Written against pytorch-lightning 2.6.6 and deepspeed 0.19.8.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import io
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from ldm.checkpoint import foreign_globals
-
-import torch
+from lightning_fabric.plugins import TorchCheckpointIO
 from lightning_fabric.utilities.seed import reset_seed
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 from pytorch_lightning.strategies.deepspeed import remove_module_hooks
 from torch.nn import Module
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+from cldm.checkpoints import PARTIAL_SUFFIX, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,6 @@ _CPU_NAMES = frozenset({"cpu"})
 _GPU_NAMES = frozenset({"gpu", "cuda"})
 # Lightning precision flags that select DeepSpeed's fp16 (loss-scaled) mode, which has no CPU implementation.
 _FP16_PRECISIONS = frozenset({"16-mixed", "16-true"})
-# Prefix Lightning 1.x put in front of every key (``LightningDeepSpeedModule`` wrapper); 2.x no longer does.
-_WRAPPER_PREFIX = "_forward_module."
 
 
 def _skip_shm_allreduce_build() -> None:
@@ -58,7 +56,56 @@ def _skip_shm_allreduce_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Single-file checkpoints (ddp / single device) written to ``<name>.partial`` and renamed: a job killed while
+    saving never leaves a truncated ``step=N.ckpt``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        final = Path(path)
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, final)
+
+
+class ZeRO2Strategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` with crash-safe checkpoint directories and optional universal loading.
+
+    ``save_checkpoint`` is collective (every rank writes its shards): the directory is written under
+    ``<name>.partial``, the completion marker (every file and its size) is written by rank 0 once all ranks are
+    through a barrier, and the directory is renamed to its final name. A job killed while saving leaves only the
+    ``.partial`` directory, which ``find_latest_checkpoint`` never picks and the next save of that name replaces.
+    Assumes the checkpoint directory is on a filesystem every rank sees (as DeepSpeed's own shard layout does).
+    ``load_universal``: the checkpoint to resume from is a universal checkpoint (``cldm.checkpoints.to_universal``),
+    re-partitioned for this run's number of ranks.
+    """
+
+    def __init__(self, *args: Any, load_universal: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if load_universal:
+            self.config.setdefault("checkpoint", {})["load_universal"] = True
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        final = Path(filepath)
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        if self.is_global_zero and partial.exists():
+            shutil.rmtree(partial)  # a save that a crash interrupted earlier
+        self.barrier("checkpoint_start")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("checkpoint_written")
+        if self.is_global_zero:
+            write_marker(partial, self.world_size)
+            if final.exists():  # the same name saved again (a resumed run, the final checkpoint): replace it whole
+                old = final.with_name(final.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(partial, final)
+                shutil.rmtree(old)
+            else:
+                os.replace(partial, final)
+        self.barrier("checkpoint_done")
+
+
+class CPUDeepSpeedStrategy(ZeRO2Strategy):
     """Lightning's ``DeepSpeedStrategy`` without its CUDA-only assumptions, for ZeRO runs on CPU over gloo.
 
     Supports fp32 and bf16 (``precision=32`` / ``"bf16-mixed"`` / ``"bf16-true"``); fp16 is refused because
@@ -160,13 +207,14 @@ def _resolve_accelerator(accelerator: str) -> str:
     raise ValueError(f"accelerator={accelerator!r} is not supported; expected one of 'cpu', 'gpu', 'cuda', 'auto'.")
 
 
-def make_strategy(name: str, accelerator: str) -> str | Strategy:
+def make_strategy(name: str, accelerator: str, *, load_universal: bool = False) -> str | Strategy:
     """Build the value for ``Trainer(strategy=...)`` from a strategy name and the Trainer's accelerator.
 
     ``"auto"`` and ``"ddp"`` pass through as Lightning's registered names. ``"deepspeed_stage_2"`` gives
-    :class:`CPUDeepSpeedStrategy` (gloo) on CPU and Lightning's own ``DeepSpeedStrategy(stage=2)`` (NCCL, default
-    bucket sizes) on GPU. ``"deepspeed_stage_2_offload"`` (optimizer state in host memory) is GPU-only: on CPU
-    everything already lives in host memory and DeepSpeed's CPU-Adam would need a C++ JIT build.
+    :class:`CPUDeepSpeedStrategy` (gloo) on CPU and :class:`ZeRO2Strategy` (Lightning's ``DeepSpeedStrategy(stage=2)``,
+    NCCL, default bucket sizes, crash-safe saves) on GPU; ``load_universal`` resumes from a universal checkpoint.
+    ``"deepspeed_stage_2_offload"`` (optimizer state in host memory) is GPU-only: on CPU everything already lives in
+    host memory and DeepSpeed's CPU-Adam would need a C++ JIT build.
     """
     if name not in STRATEGY_CHOICES:
         raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGY_CHOICES)}.")
@@ -175,95 +223,11 @@ def make_strategy(name: str, accelerator: str) -> str | Strategy:
     device = _resolve_accelerator(accelerator)
     if name == "deepspeed_stage_2":
         if device == "cpu":
-            return CPUDeepSpeedStrategy(stage=2, process_group_backend="gloo")
-        return DeepSpeedStrategy(stage=2)
+            return CPUDeepSpeedStrategy(stage=2, process_group_backend="gloo", load_universal=load_universal)
+        return ZeRO2Strategy(stage=2, load_universal=load_universal)
     if device == "cpu":
         raise ValueError(
             f"strategy {name!r} offloads optimizer state to the CPU and is only meaningful on GPU; "
             f"use 'deepspeed_stage_2' with accelerator={accelerator!r}."
         )
-    return DeepSpeedStrategy(stage=2, offload_optimizer=True)
-
-
-def _locate_zero_checkpoint(path: Path) -> tuple[Path, str]:
-    """Return (directory holding ``latest``, tag) for a Lightning/DeepSpeed ZeRO checkpoint path.
-
-    Lightning's ``epoch=E-step=S.ckpt`` is a directory with a ``latest`` file (holding the tag, "checkpoint") and
-    the tag folder with ``mp_rank_00_model_states.pt`` and one ``*_optim_states.pt`` per data-parallel rank. The
-    tag folder itself is accepted too.
-    """
-    if not path.exists():
-        raise FileNotFoundError(f"ZeRO checkpoint {str(path)!r} does not exist.")
-    if not path.is_dir():
-        raise ValueError(
-            f"{str(path)!r} is a file, not a ZeRO checkpoint directory (expected a directory with 'latest' and a tag "
-            "folder, as written by DeepSpeedStrategy)."
-        )
-    latest = path / "latest"
-    if latest.is_file():
-        root, tag = path, latest.read_text().strip()
-    elif (path / "mp_rank_00_model_states.pt").is_file():
-        root, tag = path.parent, path.name
-    else:
-        raise ValueError(
-            f"{str(path)!r} is not a ZeRO checkpoint directory: expected a 'latest' file or "
-            "'mp_rank_00_model_states.pt' in it."
-        )
-    tag_dir = root / tag
-    if not (tag_dir / "mp_rank_00_model_states.pt").is_file() or not any(tag_dir.glob("*_optim_states.pt")):
-        raise ValueError(
-            f"ZeRO checkpoint {str(tag_dir)!r} is incomplete: expected 'mp_rank_00_model_states.pt' and "
-            "'*_optim_states.pt' files."
-        )
-    return root, tag
-
-
-# Every global that DeepSpeed / Lightning checkpoints of this framework pickle beyond torch's safe set: numpy RNG
-# states, DeepSpeed's loss scaler, ZeRO stage enum and fragment addresses. Anything else is refused by default.
-ZERO_PICKLE_GLOBALS = frozenset({
-    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
-    "numpy.dtypes.UInt32DType", "numpy.dtypes.Int64DType", "numpy.dtypes.Float64DType",
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
-})
-
-
-def zero_pickle_globals() -> list[Any]:
-    """The objects named in ``ZERO_PICKLE_GLOBALS`` that this installation has (for ``weights_only`` loading)."""
-    found = []
-    for name in sorted(ZERO_PICKLE_GLOBALS):
-        module, _, attr = name.rpartition(".")
-        try:
-            found.append(getattr(importlib.import_module(module), attr))
-        except (ImportError, AttributeError):  # e.g. numpy 1.x has no numpy._core; deepspeed renamed a class
-            continue
-    return found
-
-
-def zero_checkpoint_to_state_dict(ckpt_dir: str | Path, *, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Consolidate a ZeRO-2/3 checkpoint directory into the LightningModule's state dict (CPU tensors).
-
-    Accepts Lightning's ``.../epoch=E-step=S.ckpt/`` directory (or its tag folder). Trainable parameters come back
-    as the optimizer's fp32 master weights (exactly the live values under fp32 training); frozen parameters and
-    buffers are included in the dtype the module held them in (bf16 under DeepSpeed's bf16 precision). A
-    ``_forward_module.`` prefix (Lightning 1.x checkpoints) is stripped. DeepSpeed's reader fully unpickles the
-    files, so each is vetted first: a file that would import anything beyond ``ZERO_PICKLE_GLOBALS`` is refused
-    unless ``unsafe_pickle`` (for a file you trust).
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    root, tag = _locate_zero_checkpoint(Path(ckpt_dir))
-    if not unsafe_pickle:
-        for path in sorted((root / tag).glob("*.pt")):
-            foreign = foreign_globals(path, ZERO_PICKLE_GLOBALS)
-            if foreign:
-                raise ValueError(f"{path}: would import {', '.join(foreign[:5])} when unpickled, which a ZeRO "
-                                 "checkpoint never needs; if you trust this file, pass --unsafe-pickle")
-    # DeepSpeed's converter print()s progress; keep library output in logging instead.
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    log.debug("zero_to_fp32 on %s: %s", root, captured.getvalue().strip())
-    return {
-        (key[len(_WRAPPER_PREFIX) :] if key.startswith(_WRAPPER_PREFIX) else key): value for key, value in state.items()
-    }
+    return ZeRO2Strategy(stage=2, offload_optimizer=True, load_universal=load_universal)

@@ -266,7 +266,6 @@ def check(cfg: ExperimentConfig, where: str = "config") -> None:
         fail("method.name=controlnet trains the mask branch only: set method.weights.image/consistency/aug to 0")
     if not 0.0 <= cfg.method.prompt_dropout <= 1.0:
         fail(f"method.prompt_dropout must be in [0, 1], got {cfg.method.prompt_dropout}")
-    cfg.method.recipe(cfg.train.total_steps)  # validates ramp / noise / aug_start choices
     if cfg.train.precision not in ("32", "bf16-mixed", "16-mixed", "bf16-true"):
         fail(f"train.precision {cfg.train.precision!r} is not one of ['32', 'bf16-mixed', '16-mixed', 'bf16-true']")
     for key in ("batch_size", "total_steps", "checkpoint_every", "log_every"):
@@ -274,6 +273,10 @@ def check(cfg: ExperimentConfig, where: str = "config") -> None:
             fail(f"train.{key} must be > 0, got {getattr(cfg.train, key)}")
     if cfg.train.lr <= 0:
         fail(f"train.lr must be > 0, got {cfg.train.lr}")
+    try:
+        cfg.method.recipe(cfg.train.total_steps)  # validates ramp / noise / aug_start choices
+    except ValueError as exc:
+        fail(f"method: {exc}")
     threshold = cfg.data.mask_threshold
     if threshold is not None and (isinstance(threshold, bool) or not 0 <= threshold <= 254):
         fail(f"data.mask_threshold must be an 8-bit gray level in 0..254 or null (automatic: 0/1 label masks → "

@@ -32,7 +32,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cldm.strategy import CPUDeepSpeedStrategy, make_strategy, zero_checkpoint_to_state_dict
+from cldm.checkpoints import zero_checkpoint_to_state_dict
+from cldm.strategy import CPUDeepSpeedStrategy, ZeRO2Strategy, make_strategy
 
 WORKER = Path(__file__).with_name("_zero2_worker.py")
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
@@ -246,7 +247,10 @@ def test_make_strategy_names() -> None:
     assert isinstance(cpu, CPUDeepSpeedStrategy) and cpu.process_group_backend == "gloo"
     assert cpu.config["zero_optimization"]["stage"] == 2
     gpu = make_strategy("deepspeed_stage_2", "gpu")
-    assert type(gpu) is DeepSpeedStrategy and gpu.config["zero_optimization"]["stage"] == 2
+    assert type(gpu) is ZeRO2Strategy and gpu.config["zero_optimization"]["stage"] == 2
+    assert isinstance(gpu, DeepSpeedStrategy) and "checkpoint" not in gpu.config
+    universal = make_strategy("deepspeed_stage_2", "cpu", load_universal=True)
+    assert universal.config["checkpoint"] == {"load_universal": True}
     offload = make_strategy("deepspeed_stage_2_offload", "cuda")
     assert offload.config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     with pytest.raises(ValueError, match="unknown strategy 'fsdp'; expected one of auto, ddp, deepspeed_stage_2"):

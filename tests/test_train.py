@@ -19,8 +19,8 @@ from ldm.checkpoint import load_state_dict
 import pytest
 import torch
 
+from cldm.checkpoints import zero_checkpoint_to_state_dict
 from cldm.convert import training_to_model_keys
-from cldm.strategy import zero_checkpoint_to_state_dict
 from siamese.config import load_config
 from siamese.data import write_synthetic_dataset
 from siamese.factory import build_model, load_weights, meta_model
@@ -149,6 +149,9 @@ def test_zero_to_fp32_refuses_foreign_pickles(trained, tmp_path, caplog):
     obj = torch.load(states, weights_only=False)  # our own file, written by the fixture above
     obj["client_note"] = _Payload()
     torch.save(obj, states)
+    from cldm.checkpoints import write_marker
+
+    write_marker(ckpt, 1)  # a tamperer can re-mark it complete: the pickle check still refuses it
     target = tmp_path / "t.safetensors"
     assert zero_tool.main([str(ckpt), str(target)]) == 1
     assert "posixpath.join" in caplog.text and "--unsafe-pickle" in caplog.text and not target.exists()
@@ -312,8 +315,11 @@ def test_progress_bar_counts_optimizer_steps_of_the_run(trained):
 def test_latest_checkpoint_prefers_the_highest_step_then_the_newest(tmp_path):
     import time
 
+    from cldm.checkpoints import write_marker
+
     for name in ("step=6.ckpt", "step=12.ckpt", "step=12-v1.ckpt"):
         (tmp_path / name).mkdir()
+        write_marker(tmp_path / name, world_size=1)  # complete (no files)
         time.sleep(0.01)  # distinct modification times, oldest first
     assert train_tool.find_latest_checkpoint(tmp_path).name == "step=12-v1.ckpt"
     assert train_tool.find_latest_checkpoint(tmp_path / "missing") is None

@@ -180,8 +180,10 @@ class Demo:
                 f"train.checkpoint_every={max(1, s.steps // 3)}", "train.keep_checkpoints=1",
                 f"train.image_log_every={s.steps}", "train.log_every=10", f"sample.steps={s.sample_steps}",
                 f"sample.cfg_scale={s.cfg}", self.scale_override()]
-        if (run_dir / "checkpoints").is_dir() and train.find_latest_checkpoint(run_dir / "checkpoints"):
+        if train.find_latest_checkpoint(run_dir / "checkpoints"):
             argv += ["--resume", "latest"]  # an interrupted training continues where it stopped
+        else:
+            argv += ["--force"]  # the demo's own run directory: a start that left no checkpoint starts over
         self.tool(f"train {method}", "python tutorial_train.py", train.main, argv)
 
     def export_method(self, method: str) -> None:

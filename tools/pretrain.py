@@ -78,24 +78,11 @@ def _consolidated(stage_cfg: ExperimentConfig, prefix: str, *, unsafe_pickle: bo
     return to_float32(state)[0]
 
 
-def _check_fresh(stage_cfg: ExperimentConfig, resume: str | None, force: bool) -> None:
-    """A stage directory with checkpoints is continued (--resume latest) or redone (--force), never mixed."""
-    found = find_latest_checkpoint(checkpoint_dir(stage_cfg)) if checkpoint_dir(stage_cfg).is_dir() else None
-    if found is None or resume:
-        return
-    if not force:
-        raise ConfigError(f"{stage_cfg.train.output_dir} already holds checkpoints ({found.name}): pass --resume "
-                          f"latest to continue that run, or --force to start the stage over")
-    logger.warning("--force: removing the earlier checkpoints in %s", checkpoint_dir(stage_cfg))
-    shutil.rmtree(checkpoint_dir(stage_cfg))
-
-
 def pretrain_autoencoder(cfg: ExperimentConfig, *, resume: str | None, force: bool,
                          unsafe_pickle: bool) -> tuple[dict[str, torch.Tensor], float]:
     """Stage 1 → (``first_stage_model.*`` weights, calibrated scale factor)."""
     ae = cfg.pretrain.autoencoder
     stage_cfg = stage_config(cfg, "autoencoder")
-    _check_fresh(stage_cfg, resume, force)
     first_stage = build_first_stage(cfg.model.first_stage)
     if not isinstance(first_stage, AutoencoderKL):
         raise ConfigError("model.first_stage.kind is identity: there is no first stage to pretrain (use --stage unet)")
@@ -109,7 +96,7 @@ def pretrain_autoencoder(cfg: ExperimentConfig, *, resume: str | None, force: bo
                                    perceptual_weight=ae.perceptual_weight)
         return module, build_image_dataset(c)
 
-    train(stage_cfg, resume=resume, unsafe_pickle=unsafe_pickle, build=build)
+    train(stage_cfg, resume=resume, force=force, unsafe_pickle=unsafe_pickle, build=build)
     weights = _consolidated(stage_cfg, "", unsafe_pickle=unsafe_pickle)
     first_stage.load_state_dict(filter_prefix(weights, FIRST_STAGE_PREFIX))
     scale = cfg.model.first_stage.scale_factor
@@ -145,7 +132,6 @@ def pretrain_unet(cfg: ExperimentConfig, first_stage: dict[str, torch.Tensor], *
                   unsafe_pickle: bool) -> dict[str, torch.Tensor]:
     """Stage 2 → the whole base model's weights under SD1.5 names (``cfg`` carries the calibrated scale factor)."""
     stage_cfg = stage_config(cfg, "unet")
-    _check_fresh(stage_cfg, resume, force)
     net = build_latent_diffusion(cfg.model)
     init = {k: v for k, v in _init_weights(cfg, unsafe_pickle).items() if not k.startswith(FIRST_STAGE_PREFIX)}
     init.update(first_stage)
@@ -163,7 +149,7 @@ def pretrain_unet(cfg: ExperimentConfig, first_stage: dict[str, torch.Tensor], *
         module = LatentDiffusionModule(net, lr=c.train.lr, prompt_dropout=cfg.pretrain.unet.prompt_dropout)
         return module, build_image_dataset(c)
 
-    train(stage_cfg, resume=resume, unsafe_pickle=unsafe_pickle, build=build)
+    train(stage_cfg, resume=resume, force=force, unsafe_pickle=unsafe_pickle, build=build)
     weights = _consolidated(stage_cfg, "net.", unsafe_pickle=unsafe_pickle)
     with torch.device("meta"):
         expected = build_latent_diffusion(cfg.model).state_dict()

@@ -2,11 +2,16 @@
 
     python tutorial_train.py --config configs/siamese_tiny.yaml                      # CPU demo, generated data
     python tutorial_train.py --config configs/siamese_sd15.yaml data.root=data/polyps train.devices=8
-    python tutorial_train.py --config configs/siamese_sd15.yaml --resume latest
+    python tutorial_train.py --resume runs/siamese_sd15                     # continue a run (its own config.yaml)
+    python tutorial_train.py --resume runs/siamese_sd15 train.devices=4 train.total_steps=4000
 
 The config is validated (unknown keys, wrong types, inconsistent sections) before anything is built; the resolved
 config is written to ``<output_dir>/config.yaml``. Checkpoints (DeepSpeed ZeRO directories with the default
-strategy) go to ``<output_dir>/checkpoints/step=N.ckpt`` with a retention limit; ``--resume latest`` picks the newest.
+strategy) go to ``<output_dir>/checkpoints/step=N.ckpt``, each appearing only once complete, with a retention limit.
+A directory that holds another run is refused (``--force`` starts over in it). ``--resume RUN|latest|CKPT``
+continues from the newest complete checkpoint with the run's own config: run length, ranks, logging and checkpoint
+cadence may change (on another number of ranks the ZeRO optimizer state is re-partitioned), anything else is
+refused; every checkpoint file is vetted before it is unpickled (``--unsafe-pickle`` for files you trust).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -25,18 +31,30 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from cldm.callbacks import EMACallback, FinalCheckpoint, ImageLogger, StepProgressBar
+from cldm.callbacks import AtTrainStart, EMACallback, FinalCheckpoint, ImageLogger, StepProgressBar
+from cldm.checkpoints import find_latest_checkpoint
 from cldm.data_order import StepSampler
 from cldm.lightning import ControlNetModule, TrainModule, TrainSettings
-from cldm.strategy import make_strategy
+from cldm.strategy import AtomicCheckpointIO, make_strategy
 from siamese.config import ConfigError, ExperimentConfig, check_same_latents, load_config, save_config, to_yaml
 from siamese.data import MaskImageDataset
 from siamese.factory import build_dataset, build_model, load_weights
 from siamese.lightning import SiameseModule
+from siamese.run_dir import (
+    UNIVERSAL_DIR,
+    is_first_process,
+    loadable_checkpoint,
+    planned_world_size,
+    prepare_fresh,
+    record_segment,
+    resume_config,
+    resume_target,
+)
 
 logger = logging.getLogger("siamese.train")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "siamese_tiny.yaml"
 _STEP_RE = re.compile(r"step=(\d+)")
+__all__ = ["build_module", "check_paths", "checkpoint_dir", "find_latest_checkpoint", "main", "make_trainer", "train"]
 
 
 def build_module(cfg: ExperimentConfig, *, unsafe_pickle: bool = False) -> ControlNetModule:
@@ -59,27 +77,6 @@ def checkpoint_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.train.output_dir) / "checkpoints"
 
 
-def find_latest_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint with the highest ``step=N`` in its name (files or ZeRO directories); among equal steps (a run
-    resumed from an older checkpoint writes ``step=N-v1.ckpt`` beside ``step=N.ckpt``) the most recently written."""
-    found = [(int(m.group(1)), p.stat().st_mtime_ns, p) for p in directory.glob("*.ckpt")
-             if (m := _STEP_RE.search(p.name))]
-    return max(found)[2] if found else None
-
-
-def resolve_resume(cfg: ExperimentConfig, resume: str | None) -> str | None:
-    if resume is None:
-        return None
-    if resume == "latest":
-        latest = find_latest_checkpoint(checkpoint_dir(cfg))
-        if latest is None:
-            raise ConfigError(f"--resume latest: no checkpoint in {checkpoint_dir(cfg)}")
-        return str(latest)
-    if not Path(resume).exists():
-        raise ConfigError(f"--resume: checkpoint not found: {resume}")
-    return resume
-
-
 def check_paths(cfg: ExperimentConfig) -> None:
     """The files a run needs exist (data root, init checkpoint): fail in one line before any model is built."""
     if cfg.data.root is not None:
@@ -97,10 +94,14 @@ def _fixed_samples(dataset: Dataset, count: int) -> dict:
     return default_collate([dataset[i] for i in range(min(count, len(dataset)))])
 
 
-def make_trainer(cfg: ExperimentConfig) -> pl.Trainer:
+def make_trainer(cfg: ExperimentConfig, *, load_universal: bool = False) -> pl.Trainer:
     t = cfg.train
     accelerator = t.accelerator if t.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     devices = t.devices if t.devices != -1 else (1 if accelerator == "cpu" else "auto")
+    strategy = make_strategy(t.strategy, accelerator, load_universal=load_universal)
+    # DeepSpeed writes its own shard directories (made crash-safe by the strategy); single files go through an
+    # atomic writer.
+    plugins = [] if t.strategy.startswith("deepspeed") else [AtomicCheckpointIO()]
     out = Path(t.output_dir)
     # monitor="step" is the trainer's global step: keeps the newest `keep_checkpoints`, named step=N.ckpt.
     ckpt = ModelCheckpoint(dirpath=checkpoint_dir(cfg), filename="{step}", monitor="step", mode="max",
@@ -109,24 +110,33 @@ def make_trainer(cfg: ExperimentConfig) -> pl.Trainer:
     callbacks: list[pl.Callback] = [ckpt, FinalCheckpoint(checkpoint_dir(cfg), t.checkpoint_every), StepProgressBar()]
     if t.ema.enabled:
         callbacks.append(EMACallback(t.ema.decay, out / "ema_trainable.safetensors"))
-    return pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=t.num_nodes,
-                      strategy=make_strategy(t.strategy, accelerator), precision=t.precision, max_steps=t.total_steps,
+    return pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=t.num_nodes, plugins=plugins,
+                      strategy=strategy, precision=t.precision, max_steps=t.total_steps,
                       logger=CSVLogger(out, name="logs"), log_every_n_steps=t.log_every, callbacks=callbacks,
                       default_root_dir=out, enable_model_summary=False, num_sanity_val_steps=0,
                       use_distributed_sampler=False)  # StepSampler splits the data across ranks itself
 
 
-def train(cfg: ExperimentConfig, *, resume: str | None = None, unsafe_pickle: bool = False,
+def train(cfg: ExperimentConfig, *, resume: str | Path | None = None, force: bool = False,
+          unsafe_pickle: bool = False, changes: dict | None = None,
           build: Callable[[ExperimentConfig], tuple[TrainModule, Dataset]] | None = None) -> pl.Trainer:
     """Run training as configured; returns the finished Trainer (its checkpoint callback knows the files).
 
-    ``build(cfg) -> (module, dataset)`` replaces the default (the ControlNet / Siamese module from the config and the
-    training pairs): base pretraining runs its stages through this same trainer, checkpointing and resume.
+    ``resume``: a checkpoint (``step=N.ckpt``) or ``"latest"`` (the newest complete one of ``train.output_dir``);
+    ``cfg`` is then the run's config (``siamese.run_dir.resume_config``, whose ``changes`` are recorded). Without
+    it, ``train.output_dir`` must not hold another run unless ``force``. ``build(cfg) -> (module, dataset)``
+    replaces the default (the ControlNet / Siamese module from the config and the training pairs): base
+    pretraining runs its stages through this same trainer, checkpointing and resume.
     """
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     # The frozen VAE and text encoder stay in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    ckpt_path = resolve_resume(cfg, resume)
+    run = Path(cfg.train.output_dir)
+    ckpt = resume_target("latest", run)[1] if resume == "latest" else (Path(resume) if resume else None)
+    if ckpt is None and is_first_process():  # Lightning re-runs this script for the other ranks: not them
+        prepare_fresh(run, force=force)
+    ckpt_path, universal = (None, False) if ckpt is None else loadable_checkpoint(
+        ckpt, run, planned_world_size(cfg), unsafe_pickle=unsafe_pickle)
     if build is None:
         check_paths(cfg)
         module, dataset = build_module(cfg, unsafe_pickle=unsafe_pickle), build_dataset(cfg)
@@ -143,15 +153,29 @@ def train(cfg: ExperimentConfig, *, resume: str | None = None, unsafe_pickle: bo
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
                         generator=torch.Generator().manual_seed(cfg.train.seed))
-    trainer = make_trainer(cfg)
+    trainer = make_trainer(cfg, load_universal=universal)
     sampler.step_source = lambda: trainer.global_step
     if cfg.train.image_log_every > 0:
         trainer.callbacks.append(ImageLogger(cfg.train.image_log_every, Path(cfg.train.output_dir) / "images",
                                              _fixed_samples(dataset, 4), cfg.sample.steps, cfg.sample.cfg_scale,
                                              cfg.train.seed))
-    if trainer.is_global_zero:
-        save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
-    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    step = _STEP_RE.search(ckpt.name) if ckpt else None
+
+    def record() -> None:  # after a resumed checkpoint restored: a failed resume leaves the run as it was
+        save_config(cfg, run / "config.yaml")
+        record_segment(run, int(step.group(1)) if step else 0, ckpt, changes or {})
+
+    trainer.callbacks.append(AtTrainStart(record))
+    try:
+        trainer.fit(module, loader, ckpt_path=None if ckpt_path is None else str(ckpt_path))
+    except RuntimeError as exc:
+        text = str(exc)
+        if ckpt is not None and ("size mismatch" in text or "Missing key" in text or "Unexpected key" in text):
+            raise ConfigError(f"{ckpt} does not fit the model of {run / 'config.yaml'} (was the config edited?): "
+                              f"{text.strip().splitlines()[0][:300]}") from None
+        raise
+    if universal and trainer.is_global_zero:
+        shutil.rmtree(run / UNIVERSAL_DIR, ignore_errors=True)  # converted for this resume only
     return trainer
 
 
@@ -162,11 +186,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help="experiment YAML (default: configs/siamese_tiny.yaml, the CPU demo on generated data)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--resume", metavar="PATH|latest", help="resume from a checkpoint (weights, optimizer, step, RNG)")
+    p.add_argument("--resume", metavar="RUN|latest|CKPT",
+                   help="continue a run (its config.yaml; weights, optimizer, step, RNG, data order) from its newest "
+                        "complete checkpoint: a run directory, 'latest' (the config's train.output_dir) or a "
+                        "step=N.ckpt; only run length, ranks, logging and checkpoint cadence may be overridden")
+    p.add_argument("--force", action="store_true",
+                   help="start a new run in a train.output_dir that holds another one (its files are removed)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate and print the resolved config, check that data.root and train.init_ckpt exist")
     p.add_argument("--unsafe-pickle", action="store_true",
-                   help="allow loading a pickled (.ckpt) init checkpoint with arbitrary objects: trusted files only")
+                   help="allow checkpoints (init or resumed) whose pickles hold arbitrary Python objects: trusted "
+                        "files only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -176,12 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
+        changes: dict = {}
+        ckpt = None
+        if args.resume:
+            hint = Path(load_config(args.config, args.overrides).train.output_dir) if args.resume == "latest" else None
+            run, ckpt = resume_target(args.resume, hint or Path("."))
+            cfg, changes = resume_config(run, args.overrides)
+            logger.info("resuming %s from %s", run, ckpt.name)
+        else:
+            cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             sys.stdout.write(to_yaml(cfg))
             check_paths(cfg)
             return 0
-        trainer = train(cfg, resume=args.resume, unsafe_pickle=args.unsafe_pickle)
+        trainer = train(cfg, resume=ckpt, force=args.force, unsafe_pickle=args.unsafe_pickle, changes=changes)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         logger.error("%s", exc)
         return 2 if isinstance(exc, ConfigError) else 1

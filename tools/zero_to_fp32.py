@@ -21,12 +21,17 @@ from pathlib import Path
 
 from ldm.checkpoint import load_state_dict, save_state_dict
 
+from cldm.checkpoints import (
+    MARKER,
+    find_latest_checkpoint,
+    incomplete_reason,
+    zero_checkpoint_to_state_dict,
+    zero_pickle_globals,
+)
 from cldm.convert import check_against_model, expected_state, to_float32, training_to_model_keys
-from cldm.strategy import zero_checkpoint_to_state_dict, zero_pickle_globals
 from siamese.config import ExperimentConfig, checkpoint_metadata, load_config
 from siamese.factory import meta_model
 from tools._cli import add_common_flags, check_output, make_parser, run
-from tools.train import find_latest_checkpoint
 
 logger = logging.getLogger("siamese.zero_to_fp32")
 _CONFIG_SEARCH_DEPTH = 3  # step=N.ckpt/checkpoint → step=N.ckpt → checkpoints → run dir
@@ -37,6 +42,11 @@ def resolve_checkpoint(path: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_file() or (path / "latest").is_file() or (path / "mp_rank_00_model_states.pt").is_file():
+        reason = incomplete_reason(path) if (path / "latest").is_file() else None
+        if reason is not None and (path / MARKER).is_file():
+            raise ValueError(f"{path} is incomplete ({reason}): convert an earlier checkpoint")
+        if reason is not None:
+            logger.warning("%s has no completion marker (%s): converting it anyway", path, reason)
         return path
     for folder in (path, path / "checkpoints"):
         newest = find_latest_checkpoint(folder) if folder.is_dir() else None
