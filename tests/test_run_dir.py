@@ -264,3 +264,14 @@ def test_every_resume_failure_is_one_line_and_leaves_the_run_as_it_was(tmp_path,
     assert train_tool.main(["--resume", str(run), "train.total_steps=4"]) == 2
     assert "does not fit the model of" in caplog.text
     assert _tree_digest(run) == before
+
+
+def test_a_pickled_init_checkpoint_with_code_is_refused(tmp_path, caplog, init_ckpt):
+    from ldm.checkpoint import load_state_dict
+
+    evil = tmp_path / "init.ckpt"
+    torch.save({"state_dict": dict(load_state_dict(init_ckpt)), "note": _Payload()}, evil)
+    MARKER_FILE.unlink(missing_ok=True)
+    caplog.set_level(logging.ERROR)
+    assert train_tool.main(_args(tmp_path / "run", 2, **{"train.init_ckpt": evil})) == 1
+    assert not MARKER_FILE.exists() and "--unsafe-pickle" in caplog.text
