@@ -1,17 +1,19 @@
 """Mask fidelity of generated pairs: segment each generated image and compare with the mask it was conditioned on.
 
 The morphological fidelity Siamese-Diffusion claims to improve is measured as the Dice overlap between a
-segmentation of the generated image and its conditioning mask. This module holds the overlap measure and, for the
-framework's own generated lesion domain (``siamese.data.synthetic_pair``), a documented colour rule that segments
-it without any trained network: lesions are redder than the surrounding tissue, so the green/red ratio is lower
-inside them. The rule (``segment_generated_lesion``): G/R per pixel (+1 to avoid division by zero), Gaussian blur
-with σ = 1 px, Otsu's threshold per image, foreground = the low-ratio side. On real generated images at 64 px it
-reaches a mean Dice ≈ 0.96 against the true masks (``tests/test_fidelity.py`` checks ≥ 0.9), and ≈ 0.15 on noise.
-It is meaningful only for that domain; real data needs a segmenter trained on the real pairs.
+segmentation of the generated image and its conditioning mask. This module re-exports that measure (``dice``, from
+``siamese.evaluation.metrics``) and holds, for the framework's own generated lesion domain
+(``siamese.data.synthetic_pair``), a documented colour rule that segments it without any trained network: lesions
+are redder than the surrounding tissue, so the green/red ratio is lower inside them. The rule
+(``segment_generated_lesion``): G/R per pixel (+1 to avoid division by zero), Gaussian blur with σ = 1 px, Otsu's
+threshold per image, foreground = the low-ratio side. On real generated images at 64 px it reaches a mean Dice ≈
+0.96 against the true masks (``tests/test_fidelity.py`` checks ≥ 0.9), and ≈ 0.15 on noise. It is meaningful only
+for that domain; real data needs a segmenter trained on the real pairs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,19 +21,11 @@ import cv2
 import numpy as np
 
 from siamese.data import read_image_rgb
+from siamese.evaluation.metrics import dice
 from siamese.masks import read_mask
 from siamese.pairs_io import read_manifest
 
-__all__ = ["PairScore", "dice", "score_pairs", "segment_generated_lesion"]
-
-
-def dice(pred: np.ndarray, target: np.ndarray) -> float:
-    """Dice overlap ``2|P∩T| / (|P| + |T|)`` of two binary masks; two empty masks agree perfectly (1.0)."""
-    if pred.shape != target.shape:
-        raise ValueError(f"dice: masks of different shapes {pred.shape} and {target.shape}")
-    p, t = pred.astype(bool), target.astype(bool)
-    total = int(p.sum()) + int(t.sum())
-    return 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
+__all__ = ["PairScore", "colour_rule", "dice", "score_pairs", "segment_generated_lesion", "segmenter_rule"]
 
 
 def segment_generated_lesion(rgb: np.ndarray, blur_sigma: float = 1.0) -> np.ndarray:
@@ -54,18 +48,40 @@ class PairScore:
     mask_area: float  # foreground share of the conditioning mask
 
 
-def score_pairs(out_dir: str | Path) -> list[PairScore]:
-    """Mask fidelity of every pair a sampling run wrote (``OUT/manifest.jsonl``, images/, masks/), by the colour
-    rule, in manifest order."""
+Segment = Callable[[list[np.ndarray]], list[np.ndarray]]
+"""Images (uint8 RGB) → {0, 1} lesion masks at each image's size."""
+
+
+def colour_rule(images: list[np.ndarray]) -> list[np.ndarray]:
+    return [segment_generated_lesion(image) for image in images]
+
+
+def segmenter_rule(model, cfg, device: str = "cpu") -> Segment:
+    """A trained segmenter (``siamese.evaluation.segmenter``) as a ``Segment`` function (threshold ``cfg``)."""
+    from siamese.evaluation.segmenter import predict
+
+    def segment(images: list[np.ndarray]) -> list[np.ndarray]:
+        return [(p > cfg.threshold).astype(np.uint8) for p in predict(model, images, cfg, device=device)]
+
+    return segment
+
+
+def score_pairs(out_dir: str | Path, segment: Segment = colour_rule, batch: int = 32) -> list[PairScore]:
+    """Mask fidelity of every pair a sampling run wrote (``OUT/manifest.jsonl``, images/, masks/), in manifest order:
+    Dice between ``segment`` of each generated image (default: the colour rule of the generated domain; a segmenter
+    trained on the real pairs for real data, ``segmenter_rule``) and the mask it was conditioned on."""
     out_dir = Path(out_dir)
     manifest = out_dir / "manifest.jsonl"
     if not manifest.is_file():
         raise FileNotFoundError(f"no manifest.jsonl in {out_dir} (not a tutorial_inference.py output folder?)")
+    records = list(read_manifest(manifest).values())
     scores = []
-    for record in read_manifest(manifest).values():
-        image = read_image_rgb(out_dir / record["image"])
-        mask = read_mask(out_dir / record["mask"])
-        if mask.shape != image.shape[:2]:
-            mask = cv2.resize(mask, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
-        scores.append(PairScore(record["name"], dice(segment_generated_lesion(image), mask), float(mask.mean())))
+    for start in range(0, len(records), batch):
+        chunk = records[start:start + batch]
+        images = [read_image_rgb(out_dir / r["image"]) for r in chunk]
+        for record, image, predicted in zip(chunk, images, segment(images)):
+            mask = read_mask(out_dir / record["mask"])
+            if mask.shape != image.shape[:2]:
+                mask = cv2.resize(mask, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+            scores.append(PairScore(record["name"], dice(predicted, mask), float(mask.mean())))
     return scores

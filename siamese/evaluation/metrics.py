@@ -1,0 +1,421 @@
+"""Per-image segmentation metrics on binary masks: Dice, IoU, precision, recall and HD95, plus folder scoring.
+
+What the segmentation tables of Siamese-Diffusion and the systems it compares with report, computed per image and
+then averaged over images (mean ± population standard deviation). For a prediction P and a ground truth G (binary
+H×W; any non-zero value is foreground):
+
+- Dice ``2|P∩G| / (|P| + |G|)``, IoU (Jaccard) ``|P∩G| / |P∪G|``, precision ``|P∩G| / |P|``, recall ``|P∩G| / |G|``.
+- HD95, in pixels: the symmetric 95th-percentile Hausdorff distance as MONAI defines it
+  (``monai.metrics.compute_hausdorff_distance(..., percentile=95)``, ``directed=False``): the surface of a mask is
+  its foreground pixels with a 4-connected background neighbour (outside the image counts as background; MONAI's
+  ``binary_erosion`` XOR mask), each surface pixel's distance is the Euclidean distance between pixel centres to the
+  nearest surface pixel of the other mask, and HD95 = max(P95 of the distances P→G, P95 of G→P), percentiles with
+  linear interpolation. It is computed here with scipy's exact distance transform (MONAI's import takes seconds);
+  ``tests/test_metrics.py`` checks it against explicit point sets and, in the slow suite, against MONAI. (medpy's
+  ``hd95`` takes the percentile of the two directions pooled instead, which can differ slightly.)
+
+Conventions for empty masks (tested): both empty → Dice = IoU = precision = recall = 1 and HD95 = 0 (a correct
+"no lesion"); exactly one empty → Dice = IoU = precision = recall = 0 (the undefined ratio, e.g. precision of an
+empty prediction, counts as 0) and HD95 = NaN: *undefined*, left out of the HD95 mean and counted separately.
+
+Probability maps (values in [0, 1]) are binarised as ``probability > threshold`` (strictly greater: at 0 every
+non-zero pixel is foreground), at one threshold, or by GuidedDiff's protocol (after MedSegDiff's evaluation): each
+metric averaged over the thresholds 0.1, 0.2, …, 0.9 (``SWEEP_THRESHOLDS``). In the average an image's HD95 is the
+mean over the thresholds where it is defined, and undefined only when it is undefined at every threshold.
+
+Folder scoring (``tools.score_masks``): predictions and ground truths are paired by file stem, optionally after
+stripping a suffix (``x_pred.png`` ↔ ``x.png``); ground truth is read with ``siamese.masks.read_mask`` (0/255 and
+0/1 label masks both work), predictions as gray levels at their own depth (8 bit ÷ 255, 16 bit ÷ 65535).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm.auto import tqdm
+
+from siamese.data import decode_image
+from siamese.data_prep import list_image_files
+from siamese.masks import read_mask
+
+__all__ = [
+    "METRICS",
+    "SWEEP_THRESHOLDS",
+    "MaskPair",
+    "MaskPairing",
+    "MaskScores",
+    "MetricSummary",
+    "dice",
+    "format_summary",
+    "hd95",
+    "iou",
+    "is_binary_prediction",
+    "mask_scores",
+    "pair_masks",
+    "precision",
+    "prediction_to_probability",
+    "probability_scores",
+    "read_prediction_gray",
+    "recall",
+    "score_mask_pairs",
+    "score_prediction",
+    "summarize",
+]
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("dice", "iou", "precision", "recall", "hd95")
+# GuidedDiff's threshold sweep; i / 10 is the double nearest to the decimal, so 8-bit levels such as 51/255 (= 0.2)
+# compare with these exactly as the decimals would.
+SWEEP_THRESHOLDS: tuple[float, ...] = tuple(i / 10 for i in range(1, 10))
+HD95_PERCENTILE = 95.0
+SHOWN = 5  # unmatched file names shown in messages
+
+Thresholds = float | Sequence[float] | None
+
+
+# ------------------------------------------------------------------------------------------ per-image metrics
+
+
+def _binary_pair(pred: np.ndarray, target: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"{what}: masks of different shapes {pred.shape} and {target.shape}")
+    if pred.ndim == 0:
+        raise ValueError(f"{what}: masks must be arrays (H×W), got scalars")
+    return pred.astype(bool), target.astype(bool)
+
+
+def _counts(p: np.ndarray, t: np.ndarray) -> tuple[int, int, int]:
+    """(|P∩G|, |P|, |G|)."""
+    return int(np.count_nonzero(p & t)), int(np.count_nonzero(p)), int(np.count_nonzero(t))
+
+
+def _ratio(numerator: int, denominator: int, both_empty: bool) -> float:
+    if both_empty:
+        return 1.0
+    return numerator / denominator if denominator else 0.0
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice overlap ``2|P∩T| / (|P| + |T|)`` of two binary masks; two empty masks agree perfectly (1.0)."""
+    inter, n_pred, n_target = _counts(*_binary_pair(pred, target, "dice"))
+    return _ratio(2 * inter, n_pred + n_target, n_pred + n_target == 0)
+
+
+def iou(pred: np.ndarray, target: np.ndarray) -> float:
+    """Intersection over union (Jaccard) ``|P∩T| / |P∪T|``; two empty masks → 1.0."""
+    inter, n_pred, n_target = _counts(*_binary_pair(pred, target, "iou"))
+    return _ratio(inter, n_pred + n_target - inter, n_pred + n_target == 0)
+
+
+def precision(pred: np.ndarray, target: np.ndarray) -> float:
+    """``|P∩T| / |P|``; both empty → 1.0, an empty prediction against a non-empty target → 0.0."""
+    inter, n_pred, n_target = _counts(*_binary_pair(pred, target, "precision"))
+    return _ratio(inter, n_pred, n_pred + n_target == 0)
+
+
+def recall(pred: np.ndarray, target: np.ndarray) -> float:
+    """``|P∩T| / |T|``; both empty → 1.0, an empty target against a non-empty prediction → 0.0."""
+    inter, n_pred, n_target = _counts(*_binary_pair(pred, target, "recall"))
+    return _ratio(inter, n_target, n_pred + n_target == 0)
+
+
+def _ndimage():
+    try:
+        from scipy import ndimage
+    except ImportError as error:  # scipy is in the "eval" extra; Dice & co. do not need it
+        raise ImportError("HD95 needs scipy: pip install -e '.[eval]' (or pip install scipy)") from error
+    return ndimage
+
+
+def _hd95_bool(p: np.ndarray, t: np.ndarray) -> float:
+    has_p, has_t = bool(p.any()), bool(t.any())
+    if not has_p and not has_t:
+        return 0.0
+    if not has_p or not has_t:
+        return math.nan
+    ndimage = _ndimage()
+    # Crop to the union's bounding box with a 1-pixel margin (as MONAI does): every surface pixel, hence every
+    # nearest neighbour, lies inside it, so the distances are unchanged and the transforms are smaller.
+    coords = np.nonzero(p | t)
+    box = tuple(slice(max(int(c.min()) - 1, 0), int(c.max()) + 2) for c in coords)
+    p, t = p[box], t[box]
+    # Surface: foreground pixels that erosion (4-connected cross, outside = background) removes.
+    surface_p = p & ~ndimage.binary_erosion(p, border_value=0)
+    surface_t = t & ~ndimage.binary_erosion(t, border_value=0)
+    # distance_transform_edt(~S) is, at every pixel, the exact Euclidean distance to the nearest pixel of S.
+    p_to_t = ndimage.distance_transform_edt(~surface_t)[surface_p]
+    t_to_p = ndimage.distance_transform_edt(~surface_p)[surface_t]
+    return float(max(np.percentile(p_to_t, HD95_PERCENTILE), np.percentile(t_to_p, HD95_PERCENTILE)))
+
+
+def hd95(pred: np.ndarray, target: np.ndarray) -> float:
+    """Symmetric 95th-percentile Hausdorff distance in pixels (MONAI's definition, see the module docstring).
+
+    Both masks empty → 0.0; exactly one empty → NaN (undefined). Needs scipy.
+    """
+    return _hd95_bool(*_binary_pair(pred, target, "hd95"))
+
+
+@dataclass(frozen=True)
+class MaskScores:
+    """The five metrics of one image; ``hd95`` is NaN where undefined (exactly one mask empty)."""
+
+    dice: float
+    iou: float
+    precision: float
+    recall: float
+    hd95: float
+
+    @property
+    def hd95_defined(self) -> bool:
+        return not math.isnan(self.hd95)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def mask_scores(pred: np.ndarray, target: np.ndarray) -> MaskScores:
+    """All five metrics of a binary prediction against a binary target (same shape; non-zero = foreground)."""
+    p, t = _binary_pair(pred, target, "mask_scores")
+    inter, n_pred, n_target = _counts(p, t)
+    both_empty = n_pred + n_target == 0
+    return MaskScores(
+        dice=_ratio(2 * inter, n_pred + n_target, both_empty),
+        iou=_ratio(inter, n_pred + n_target - inter, both_empty),
+        precision=_ratio(inter, n_pred, both_empty),
+        recall=_ratio(inter, n_target, both_empty),
+        hd95=_hd95_bool(p, t),
+    )
+
+
+def _check_threshold(value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"threshold {value} must lie in [0, 1] (a probability)")
+    return value
+
+
+def _threshold_list(threshold: float | Sequence[float]) -> list[float]:
+    values = [threshold] if np.isscalar(threshold) else list(threshold)
+    if not values:
+        raise ValueError("no thresholds given")
+    return [_check_threshold(v) for v in values]
+
+
+def _average(scores: Sequence[MaskScores]) -> MaskScores:
+    if len(scores) == 1:
+        return scores[0]
+    defined = [s.hd95 for s in scores if s.hd95_defined]
+    return MaskScores(
+        dice=float(np.mean([s.dice for s in scores])),
+        iou=float(np.mean([s.iou for s in scores])),
+        precision=float(np.mean([s.precision for s in scores])),
+        recall=float(np.mean([s.recall for s in scores])),
+        hd95=float(np.mean(defined)) if defined else math.nan,
+    )
+
+
+def probability_scores(prob: np.ndarray, target: np.ndarray,
+                       threshold: float | Sequence[float] = SWEEP_THRESHOLDS) -> MaskScores:
+    """Metrics of a probability map (values in [0, 1]) binarised as ``prob > threshold``.
+
+    ``threshold`` is one value, or several (default: GuidedDiff's 0.1 … 0.9) whose metrics are averaged; HD95 is
+    averaged over the thresholds where it is defined (NaN if it is defined at none).
+    """
+    prob = np.asarray(prob, dtype=np.float64)
+    thresholds = _threshold_list(threshold)
+    if prob.size and not (np.isfinite(prob).all() and prob.min() >= 0.0 and prob.max() <= 1.0):
+        raise ValueError(f"probability map values must lie in [0, 1], found [{np.nanmin(prob):g}, {np.nanmax(prob):g}]"
+                         + ("" if np.isfinite(prob).all() else " and non-finite values"))
+    return _average([mask_scores(prob > t, target) for t in thresholds])
+
+
+# ------------------------------------------------------------------------------------------ summaries
+
+
+@dataclass(frozen=True)
+class MetricSummary:
+    """Mean ± population standard deviation over the images where the metric is defined (``n`` of them);
+    ``undefined``: images left out (HD95 with exactly one mask empty). NaN mean/std when ``n`` is 0."""
+
+    mean: float
+    std: float
+    n: int
+    undefined: int
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        """JSON-ready: NaN becomes None (null)."""
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+
+def summarize(scores: Iterable[MaskScores]) -> dict[str, MetricSummary]:
+    """Per-metric mean ± std over images (NaN-aware: undefined values are left out and counted)."""
+    table = np.array([[getattr(s, m) for m in METRICS] for s in scores], dtype=np.float64).reshape(-1, len(METRICS))
+    if not len(table):
+        raise ValueError("no images to summarise")
+    out = {}
+    for column, name in enumerate(METRICS):
+        values = table[:, column]
+        defined = values[~np.isnan(values)]
+        out[name] = MetricSummary(mean=float(defined.mean()) if defined.size else math.nan,
+                                  std=float(defined.std()) if defined.size else math.nan,
+                                  n=int(defined.size), undefined=int(values.size - defined.size))
+    return out
+
+
+def format_summary(summary: dict[str, MetricSummary]) -> str:
+    """A plain-text table, one row per metric: mean ± std, the images it averages, and undefined HD95."""
+    lines = [f"{'METRIC':<11}{'MEAN ± STD':<22}IMAGES"]
+    for name in METRICS:
+        s = summary[name]
+        label = "hd95 (px)" if name == "hd95" else name
+        value = "undefined" if s.n == 0 else f"{s.mean:.4f} ± {s.std:.4f}"
+        note = f" ({s.undefined} undefined: exactly one mask empty)" if s.undefined else ""
+        lines.append(f"{label:<11}{value:<22}{s.n}{note}")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ files and folders
+
+
+def read_prediction_gray(path: str | Path) -> np.ndarray:
+    """Read a prediction image at its own depth as H×W gray (uint8 or uint16); colour is reduced to luma."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prediction file not found: {path}")
+    image = decode_image(np.fromfile(path, dtype=np.uint8), path)
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"prediction {path}: pixel type {image.dtype} is not supported (expected 8- or 16-bit)")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY if image.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
+    if image.ndim != 2:
+        raise ValueError(f"prediction {path}: image shape {image.shape} is not supported")
+    return image
+
+
+def prediction_to_probability(gray: np.ndarray) -> np.ndarray:
+    """8-bit ÷ 255, 16-bit ÷ 65535 → float64 in [0, 1]."""
+    return gray.astype(np.float64) / float(np.iinfo(gray.dtype).max)
+
+
+def is_binary_prediction(gray: np.ndarray) -> bool:
+    """True when the only values are 0 and the image's maximum (0/255, 0/65535 or 0/1 masks; all-0 or all-max)."""
+    values = np.unique(gray)
+    return values.size == 1 or (values.size == 2 and values[0] == 0)
+
+
+def _resize_to(gray: np.ndarray, shape: tuple[int, int], binary: bool) -> np.ndarray:
+    """Nearest for binary masks (stays binary); area when shrinking probability maps (averages), else linear."""
+    height, width = shape
+    if binary:
+        interpolation = cv2.INTER_NEAREST
+    elif height <= gray.shape[0] and width <= gray.shape[1]:
+        interpolation = cv2.INTER_AREA
+    else:
+        interpolation = cv2.INTER_LINEAR
+    return cv2.resize(gray, (width, height), interpolation=interpolation)
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return f"{shape[1]}×{shape[0]}"
+
+
+def score_prediction(pred_path: str | Path, gt_path: str | Path, threshold: Thresholds = None, *,
+                     resize: bool = False) -> MaskScores:
+    """Score one prediction file against one ground-truth mask file.
+
+    ``threshold=None``: the prediction must be binary (0 and one other value; foreground = non-zero), else
+    ValueError. A float or a sequence of floats: a probability map binarised at ``> threshold`` (a sequence is
+    averaged, see :func:`probability_scores`). ``resize``: a prediction of another size is resized to the ground
+    truth's (nearest for binary masks, area/linear for probability maps) instead of raising ValueError.
+    """
+    pred_path, gt_path = Path(pred_path), Path(gt_path)
+    target = read_mask(gt_path)
+    gray = read_prediction_gray(pred_path)
+    binary = threshold is None
+    if binary and not is_binary_prediction(gray):
+        values = np.unique(gray)
+        raise ValueError(f"prediction {pred_path} is not binary ({values.size} gray levels, "
+                         f"{int(values[0])}…{int(values[-1])}): pass --threshold T to binarise probability maps "
+                         f"at T, or --sweep for the 0.1…0.9 average")
+    if gray.shape != target.shape:
+        if not resize:
+            raise ValueError(f"prediction {pred_path} is {_size(gray.shape)} but its ground truth {gt_path} is "
+                             f"{_size(target.shape)}: pass --resize to resize predictions to the ground-truth size")
+        gray = _resize_to(gray, target.shape, binary)
+    if binary:
+        return mask_scores(gray > 0, target)
+    return probability_scores(prediction_to_probability(gray), target, threshold)
+
+
+@dataclass(frozen=True)
+class MaskPair:
+    name: str  # the shared stem (suffixes stripped)
+    pred: Path
+    gt: Path
+
+
+@dataclass(frozen=True)
+class MaskPairing:
+    """Prediction/ground-truth pairs by name, and the files on each side without a partner."""
+
+    pairs: list[MaskPair]
+    preds_without_gt: list[Path] = field(default_factory=list)
+    gts_without_pred: list[Path] = field(default_factory=list)
+
+    def mismatch(self) -> str | None:
+        """One line describing the unmatched files on each side (None when every file has a partner)."""
+        if not self.preds_without_gt and not self.gts_without_pred:
+            return None
+        return (f"{len(self.preds_without_gt)} prediction(s) without ground truth ({_names(self.preds_without_gt)}) "
+                f"and {len(self.gts_without_pred)} ground-truth mask(s) without prediction "
+                f"({_names(self.gts_without_pred)}); {len(self.pairs)} pair(s) match")
+
+
+def _names(paths: Sequence[Path]) -> str:
+    if not paths:
+        return "none"
+    shown = ", ".join(p.name for p in paths[:SHOWN])
+    return shown + (f", … (+{len(paths) - SHOWN})" if len(paths) > SHOWN else "")
+
+
+def _by_name(files: Sequence[Path], suffix: str, what: str) -> dict[str, Path]:
+    names: dict[str, Path] = {}
+    for path in files:
+        stem = path.stem
+        name = stem[: -len(suffix)] if suffix and stem.endswith(suffix) and len(stem) > len(suffix) else stem
+        if name in names:
+            raise ValueError(f"{what}: two files have the name '{name}' ({names[name].name}, {path.name}); "
+                             f"keep one so each name pairs with one file")
+        names[name] = path
+    return names
+
+
+def pair_masks(pred_dir: str | Path, gt_dir: str | Path, pred_suffix: str = "", gt_suffix: str = "") -> MaskPairing:
+    """Pair the image files directly inside two folders by stem, after stripping ``pred_suffix`` from prediction
+    stems and ``gt_suffix`` from ground-truth stems (where present). Extensions may differ."""
+    preds = _by_name(list_image_files(pred_dir, "prediction"), pred_suffix, f"predictions in {pred_dir}")
+    gts = _by_name(list_image_files(gt_dir, "ground-truth"), gt_suffix, f"ground truth in {gt_dir}")
+    pairs = [MaskPair(name, preds[name], gts[name]) for name in sorted(preds.keys() & gts.keys())]
+    return MaskPairing(pairs=pairs,
+                       preds_without_gt=[preds[n] for n in sorted(preds.keys() - gts.keys())],
+                       gts_without_pred=[gts[n] for n in sorted(gts.keys() - preds.keys())])
+
+
+def score_mask_pairs(pairs: Sequence[MaskPair], threshold: Thresholds = None, *, resize: bool = False,
+                     progress: bool | None = None) -> list[tuple[str, MaskScores]]:
+    """(name, scores) of every pair, in order (see :func:`score_prediction`). ``progress``: a tqdm bar (None: only
+    on a terminal)."""
+    disable = None if progress is None else not progress  # tqdm: None = only on a terminal
+    return [(pair.name, score_prediction(pair.pred, pair.gt, threshold, resize=resize))
+            for pair in tqdm(pairs, desc="scoring", unit="image", disable=disable)]

@@ -1,0 +1,219 @@
+"""``python -m tools.evaluate``: does the synthetic data help? One command, one report.
+
+    python -m tools.evaluate --real data/polyps --synthetic synth/real --synthetic synth/random --out eval/
+    python -m tools.evaluate --real data/polyps --synthetic synth/real --out eval/ \\
+        --inception weights-inception-2015-12-05-6726825d.pth --seeds 3 --synthetic-ratio 0.5,1,2
+    python -m tools.evaluate --real data/polyps --synthetic synth/real --out eval/ \\
+        --features timm:resnet50 --feature-weights resnet50_medical.safetensors
+
+Runs what applies, each part on its own library (siamese.evaluation):
+1. downstream benchmark (tools.segmentation_benchmark): segmenters on real / real + synthetic / synthetic, scored on
+   the held-out real test split, mean ± std over seeds (skip with --no-benchmark);
+2. mask fidelity: the benchmark's real-data segmenter (seed 0) segments every generated image; Dice against the mask
+   it was conditioned on, per pair in OUT/fidelity/<run>.jsonl and overall;
+3. image quality: FID and KID between the real training images and an equal number of synthetic ones (the paper's
+   protocol), with the Inception weights from a local file (--inception) or any local image tower (--features);
+   without either, this part is skipped and the report says which file it needs;
+4. diversity among the samples of one mask (pixel RMSE; feature cosine with an extractor), when a mask has several;
+5. memorisation: each synthetic image's nearest real training image (pixels; features with an extractor), near-copies
+   flagged, the closest pairs in OUT/memorisation.png.
+Writes OUT/report.md, OUT/report.json and the PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from siamese.evaluation import quality
+from siamese.evaluation.benchmark import run_benchmark, summarise_results
+from siamese.evaluation.fidelity import score_pairs, segmenter_rule
+from siamese.evaluation.report import benchmark_plot, benchmark_table, write_markdown
+from siamese.evaluation.segmenter import load_segmenter, save_segmenter, train_segmenter
+from siamese.evaluation.splits import load_or_make_split, real_pairs
+from tools._cli import make_parser, run
+from tools.segmentation_benchmark import add_benchmark_args, benchmark_config
+
+logger = logging.getLogger("siamese.evaluate")
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _fidelity(args: argparse.Namespace, cfg, out: Path) -> dict:
+    """Mask fidelity of each synthetic run with the real-data segmenter (the benchmark's, else trained here)."""
+    path = out / "segmenter_real_seed0.safetensors"
+    if path.is_file():
+        model, seg_cfg = load_segmenter(path, args.device)
+    else:
+        from siamese.evaluation.benchmark import load_pairs
+
+        pairs = real_pairs(args.real)
+        split = load_or_make_split(out, pairs, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
+                                   group_regex=cfg.group_regex)
+        by_name = {p.name: p for p in pairs}
+        seg_cfg = cfg.segmenter
+        model = train_segmenter(load_pairs([by_name[n] for n in split["train"]]), seg_cfg, seed=0,
+                                device=args.device, progress=not args.no_progress, desc="fidelity segmenter")
+        save_segmenter(model, seg_cfg, path)
+    segment = segmenter_rule(model, seg_cfg, args.device)
+    results = {}
+    (out / "fidelity").mkdir(exist_ok=True)
+    for folder in args.synthetic:
+        scores = score_pairs(folder, segment)
+        lines = [json.dumps({"name": s.name, "dice": round(s.dice, 5), "mask_area": round(s.mask_area, 5)})
+                 for s in scores]
+        target = out / "fidelity" / f"{folder.name}.jsonl"
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+        dice = np.array([s.dice for s in scores])
+        results[str(folder)] = {"pairs": len(scores), "dice_mean": float(dice.mean()), "dice_std": float(dice.std()),
+                                "dice_median": float(np.median(dice)), "share_ge_0.7": float((dice >= 0.7).mean()),
+                                "per_pair": str(target)}
+    return results
+
+
+def _extractor(args: argparse.Namespace):
+    if args.inception:
+        return quality.load_feature_extractor("inception", args.inception, device=args.device)
+    if args.features:
+        return quality.load_feature_extractor(args.features, args.feature_weights, device=args.device)
+    return None
+
+
+def _quality(args: argparse.Namespace, out: Path, split_train: list[Path]) -> dict:
+    """FID/KID, diversity and memorisation of all synthetic runs together against the real training images."""
+    runs = [image for folder in args.synthetic for image in quality.read_run_images(folder)]
+    extractor = _extractor(args)
+    result: dict = {"feature_extractor": None if extractor is None else (args.features or "inception")}
+    synth_paths = [r.path for r in runs]
+    if extractor is not None:
+        real_n, synth_n = quality.equal_count(split_train, synth_paths, args.fid_count)
+        real_f = extractor.features(real_n, progress=not args.no_progress)
+        synth_f = extractor.features(synth_n, progress=not args.no_progress)
+        kid = quality.kernel_inception_distance(real_f, synth_f, subsets=100, subset_size=min(1000, len(real_n)))
+        result.update({"fid": quality.frechet_distance(real_f, synth_f), "kid_mean": kid.mean, "kid_std": kid.std,
+                       "fid_images": len(real_n)})
+        all_synth_f = extractor.features(synth_paths, progress=not args.no_progress)
+        train_f = extractor.features(split_train, progress=not args.no_progress)
+    else:
+        result["skipped"] = (f"FID/KID and feature-space diversity/memorisation need --inception PATH (the "
+                             f"{quality.INCEPTION_WEIGHTS_FILE} weights) or --features SPEC --feature-weights PATH; "
+                             "without them the downscaled pixels stand in as features")
+        all_synth_f, train_f = quality.pixel_vectors(synth_paths), quality.pixel_vectors(split_train)
+    diversity = quality.intra_mask_diversity(all_synth_f, [r.source for r in runs],
+                                             pixels=quality.pixel_vectors(synth_paths))
+    result["diversity"] = {"mean_pixel_rmse": _finite(diversity.mean_pixel_rmse),
+                           "mean_feature_cosine": _finite(diversity.mean_feature_cosine) if extractor else None,
+                           "masks": len(diversity.per_mask), "skipped_single_sample_masks": diversity.skipped_single}
+    # Without an extractor the pixel vectors stand in as features, whose cosine says little: pixel RMSE decides.
+    report = quality.memorisation(synth_paths, split_train, synthetic_features=all_synth_f,
+                                  training_features=train_f,
+                                  feature_threshold=args.copy_feature_threshold if extractor else 0.0,
+                                  pixel_threshold=args.copy_pixel_threshold)
+    report.write_nearest_pairs_png(out / "memorisation.png")
+    result["memorisation"] = report.summary()
+    return result
+
+
+def _report(args: argparse.Namespace, result: dict, out: Path) -> None:
+    lines = ["# Evaluation report", "",
+             f"Real data `{args.real}`; synthetic {', '.join(f'`{s}`' for s in args.synthetic)}. "
+             f"Wall time {result['seconds']:.0f} s.", ""]
+    if "benchmark" in result:
+        lines += ["## Does the synthetic data help the segmenter? (held-out real test split)", "",
+                  *benchmark_table(result["benchmark"]), "", "![benchmark](benchmark.png)", ""]
+    lines += ["## Mask fidelity (the real-data segmenter on each generated image vs its conditioning mask)", "",
+              "| synthetic run | pairs | Dice mean ± std | median | pairs ≥ 0.7 |", "|---|---|---|---|---|"]
+    for name, f in result["fidelity"].items():
+        lines.append(f"| `{name}` | {f['pairs']} | {f['dice_mean']:.3f} ± {f['dice_std']:.3f} | "
+                     f"{f['dice_median']:.3f} | {100 * f['share_ge_0.7']:.0f} % |")
+    q = result["quality"]
+    lines += ["", "## Image quality, diversity, memorisation", ""]
+    if "fid" in q:
+        lines.append(f"FID {q['fid']:.2f}, KID {q['kid_mean']:.4f} ± {q['kid_std']:.4f} ({q['fid_images']} real vs "
+                     f"{q['fid_images']} synthetic images, features: {q['feature_extractor']}).")
+    else:
+        lines.append(f"FID/KID skipped: {q['skipped']}.")
+    d = q["diversity"]
+    lines.append(f"Diversity among the samples of one mask: pixel RMSE {d['mean_pixel_rmse']} over {d['masks']} "
+                 f"masks ({d['skipped_single_sample_masks']} masks with a single sample skipped)"
+                 + (f", feature cosine distance {d['mean_feature_cosine']:.4f}" if d["mean_feature_cosine"] else "")
+                 + ".")
+    m = q["memorisation"]
+    lines += [f"Memorisation: {json.dumps({k: v for k, v in m.items() if k != 'closest'})}.", "",
+              "![closest synthetic / training pairs](memorisation.png)", ""]
+    write_markdown(out / "report.md", lines)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = benchmark_config(args)
+    result: dict = {"real": str(args.real), "synthetic": [str(s) for s in args.synthetic]}
+    if not args.no_benchmark:
+        logger.info("== downstream benchmark")
+        rows = run_benchmark(args.real, args.synthetic, out, cfg, device=args.device, progress=not args.no_progress)
+        result["benchmark"] = summarise_results(rows)
+        benchmark_plot(result["benchmark"], out / "benchmark.png")
+    logger.info("== mask fidelity")
+    result["fidelity"] = _fidelity(args, cfg, out)
+    logger.info("== image quality, diversity, memorisation")
+    pairs = {p.name: p for p in real_pairs(args.real)}
+    split = json.loads((out / "splits.json").read_text())
+    result["quality"] = _quality(args, out, [pairs[n].image for n in split["train"]])
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "report.json")
+    _report(args, result, out)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m tools.evaluate", __doc__)
+    p.add_argument("--real", type=Path, required=True, help="the real dataset (prompt.json layout)")
+    p.add_argument("--synthetic", type=Path, action="append", required=True,
+                   help="a tutorial_inference.py output folder (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (report.md, report.json, PNGs)")
+    p.add_argument("--no-benchmark", action="store_true", help="skip the downstream benchmark")
+    q = p.add_argument_group("image quality")
+    q.add_argument("--inception", type=Path, help=f"local FID Inception weights ({quality.INCEPTION_WEIGHTS_FILE})")
+    q.add_argument("--features", help="another local image tower for FID/KID/memorisation: torchvision:ARCH, "
+                                      "timm:NAME or open_clip:MODEL (with --feature-weights)")
+    q.add_argument("--feature-weights", type=Path, help="the weight file of --features")
+    q.add_argument("--fid-count", type=int, help="images per side for FID/KID (default: as many as both have)")
+    q.add_argument("--copy-feature-threshold", type=float, default=quality.DEFAULT_FEATURE_THRESHOLD,
+                   help=f"near-copy: feature cosine distance below this ({quality.DEFAULT_FEATURE_THRESHOLD})")
+    q.add_argument("--copy-pixel-threshold", type=float, default=quality.DEFAULT_PIXEL_THRESHOLD,
+                   help=f"near-copy: pixel RMSE below this ({quality.DEFAULT_PIXEL_THRESHOLD})")
+    add_benchmark_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
+    return p
+
+
+def _body(args: argparse.Namespace) -> int:
+    if args.inception and args.features:
+        raise ValueError("pass --inception or --features, not both")
+    result = evaluate(args)
+    logger.info("report: %s (%.0f s)", args.out / "report.md", result["seconds"])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(_body, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
