@@ -114,6 +114,41 @@ def image_grid(columns: list[Tensor]) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
+class MaskValidation(pl.Callback):
+    """Every ``every`` steps, rank 0 samples the mask branch for fixed held-out masks with fixed seeds, scores the
+    images with ``score(images, masks) -> {name: value}`` (mask fidelity; see ``tools/train.py``), logs the scores to
+    every logger, and writes ``<out_dir>/val_step_<N>.png`` (mask | sample; also to TensorBoard when it logs)."""
+
+    def __init__(self, every: int, out_dir: str | Path, masks: Tensor, prompts: list[str], steps: int,
+                 cfg_scale: float, seed: int, score=None):
+        self.every, self.out_dir, self.masks, self.prompts = every, Path(out_dir), masks, prompts
+        self.steps, self.cfg_scale, self.seed, self.score = steps, cfg_scale, seed, score
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        step = trainer.global_step
+        if self.every <= 0 or step % self.every or not trainer.is_global_zero:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        hint = self.masks.to(pl_module.device)
+        generators = [torch.Generator().manual_seed(self.seed + i) for i in range(len(hint))]
+        with torch.no_grad():
+            images = pl_module.net.sample(hint, self.prompts, steps=self.steps, cfg_scale=self.cfg_scale,
+                                          generator=generators)
+        pl_module.train(was_training)
+        rgb = to_uint8(images)
+        metrics = self.score(list(rgb), [m for m in self.masks[:, 0].numpy().astype(np.uint8)]) if self.score else {}
+        for run_logger in trainer.loggers:
+            if metrics:
+                run_logger.log_metrics(metrics, step=step)
+            experiment = getattr(run_logger, "experiment", None)
+            if hasattr(experiment, "add_image"):  # TensorBoard
+                experiment.add_image("val/mask_sample", image_grid([hint * 2 - 1, images]), step, dataformats="HWC")
+        write_png(self.out_dir / f"val_step_{step:07d}.png", image_grid([hint * 2 - 1, images]))
+        if metrics:
+            logger.info("validation at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
 class StepProgressBar(TQDMProgressBar):
     """One bar for the whole run in optimizer steps up to ``max_steps``, with rate and time left.
 

@@ -131,6 +131,12 @@ class TrainConfig:
     log_every: int = 10
     image_log_every: int = 0  # 0 disables the image-logging callback
     ema: EMAConfig = field(default_factory=EMAConfig)
+    logger: str = "csv"  # csv | tensorboard | both
+    val_every: int = 0  # validation: every N steps sample fixed held-out masks (0: off)
+    val_masks: str | None = None  # folder of masks or prompt.json; null: generated held-out masks (data.root null)
+    val_samples: int = 8
+    val_segmenter: str | None = None  # segmenter for mask fidelity (tools.evaluate's); null: the colour rule on
+    #                                   generated data, else the grid only
 
 
 @dataclass(frozen=True)
@@ -273,6 +279,11 @@ def check(cfg: ExperimentConfig, where: str = "config") -> None:
             fail(f"train.{key} must be > 0, got {getattr(cfg.train, key)}")
     if cfg.train.lr <= 0:
         fail(f"train.lr must be > 0, got {cfg.train.lr}")
+    if cfg.train.logger not in ("csv", "tensorboard", "both"):
+        fail(f"train.logger {cfg.train.logger!r} is not one of ['csv', 'tensorboard', 'both']")
+    if cfg.train.val_every < 0 or cfg.train.val_samples <= 0:
+        fail(f"train.val_every must be >= 0 and train.val_samples > 0, got {cfg.train.val_every}, "
+             f"{cfg.train.val_samples}")
     try:
         cfg.method.recipe(cfg.train.total_steps)  # validates ramp / noise / aug_start choices
     except ValueError as exc:

@@ -16,7 +16,8 @@ import pytest
 from tools import demo
 from tools.demo_report import CELL
 
-QUICK = ["--train-pairs", "8", "--steps", "2", "--batch-size", "2", "--pairs", "2", "--sample-steps", "2"]
+QUICK = ["--train-pairs", "10", "--steps", "2", "--batch-size", "2", "--pairs", "2", "--sample-steps", "2",
+         "--seg-steps", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,8 @@ def test_demo_runs_every_stage_and_writes_the_report(demo_out):
     tools_run = [line.split()[1] if line.startswith("python ") else line.split()[0] for line in commands]
     assert tools_run[:4] == ["-m", "cp", "tool_add_control.py", "tutorial_train.py"]
     assert tools_run.count("tutorial_train.py") == 2 and tools_run.count("tutorial_inference.py") == 6
+    assert tools_run[-1] == "-m" and "tools.evaluate" in commands[-1]
+    assert "The evaluation tools on these pairs" in report and (demo_out / "eval" / "report.md").is_file()
     assert (demo_out / "runs" / "siamese" / "checkpoints" / "step=2.ckpt" / "latest").is_file()
     assert (demo_out / "models" / "siamese.safetensors").is_file()
     assert len(list((demo_out / "synth" / "siamese" / "random" / "masks").glob("*.png"))) == 2

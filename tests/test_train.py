@@ -331,3 +331,15 @@ def test_the_last_step_is_always_checkpointed(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == ["step=2.ckpt", "step=3.ckpt"]
     assert train_tool.find_latest_checkpoint(tmp_path / "checkpoints").name == "step=3.ckpt"
     assert train_tool.train(cfg, resume="latest").global_step == 3  # a finished run resumes as finished
+
+
+def test_validation_during_training_logs_mask_fidelity_to_csv_and_tensorboard(tmp_path):
+    cfg = load_config(TINY, _overrides(tmp_path, steps=2, **{"train.val_every": 1, "train.val_samples": 2,
+                                                             "train.logger": "both", "train.image_log_every": 0}))
+    train_tool.train(cfg)
+    rows = [r for r in _metrics(tmp_path) if r.get("val/mask_dice")]
+    assert [int(r["step"]) for r in rows] == [1, 2]  # logged at the steps it ran, on the fixed held-out masks
+    assert all(0.0 <= float(r["val/mask_dice"]) <= 1.0 for r in rows)
+    assert sorted(p.name for p in (tmp_path / "images").glob("val_step_*.png")) == ["val_step_0000001.png",
+                                                                                    "val_step_0000002.png"]
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))  # TensorBoard beside the CSV

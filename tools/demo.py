@@ -14,9 +14,12 @@ OUT/commands.sh as they run:
 5. the plain-ControlNet baseline with the same budget (``--no-baseline`` skips it);
 6. ``tutorial_inference.py``: pairs from the training masks ("real") and augmented ones ("random"), for both
    trained models and the untrained one (the initial checkpoint: its control is zero);
-7. the report: mask fidelity = Dice between a segmentation of each generated image and the mask it was conditioned
-   on (a documented colour rule for this generated domain, ``siamese.evaluation.fidelity``), in OUT/report.md,
-   OUT/report.json and OUT/grid.png (mask | generated | overlay, then the baseline and the untrained model).
+7. ``python -m tools.evaluate`` on the Siamese pairs: a segmenter on the real pairs vs real + synthetic (one seed),
+   mask fidelity with a segmenter trained on the real pairs, diversity, memorisation (OUT/eval/);
+8. the report: mask fidelity = Dice between a segmentation of each generated image and the mask it was conditioned
+   on (a documented colour rule for this generated domain, ``siamese.evaluation.fidelity``, for every model; the
+   real-data segmenter's for the Siamese pairs), the downstream table, in OUT/report.md, OUT/report.json and
+   OUT/grid.png (mask | generated | overlay, then the baseline and the untrained model).
 
 A stage that finished is skipped on a re-run (an interrupted training resumes from its newest checkpoint);
 ``--force`` redoes everything. What it shows and what it cannot: see the README's "The demo" section.
@@ -48,6 +51,7 @@ from siamese.factory import build_latent_diffusion
 from siamese.masks import read_mask
 from siamese.pairs_io import file_sha256, read_manifest
 from tools import add_control, demo_data, inference, merge_control, pretrain, train, zero_to_fp32
+from tools import evaluate as evaluate_tool
 from tools._cli import make_parser, run
 from tools.demo_report import write_grid_figure, write_report
 
@@ -79,6 +83,7 @@ class Settings:
     pretrain: bool = False
     pretrain_steps: int | None = None  # None: configs/base_tiny.yaml's
     baseline: bool = True
+    seg_steps: int = 200  # segmenter steps in the evaluation
 
 
 @dataclass
@@ -201,6 +206,16 @@ class Demo:
                    str(self.synth_dir(model, mode)), "--limit", str(s.pairs), "--mask-mode", mode, "--steps",
                    str(s.sample_steps), "--cfg", str(s.cfg), "--seed", str(s.seed), "--batch-size", "8"])
 
+    def evaluate(self) -> None:
+        """The evaluation tools on the demo's data: the downstream benchmark (one seed: real vs real + Siamese
+        pairs), mask fidelity with a segmenter trained on the real pairs, diversity and memorisation."""
+        argv = ["--real", str(self.path("data")), "--out", str(self.path("eval")), "--seeds", "1",
+                "--arms", "real,real+synthetic", "--seg-steps", str(self.settings.seg_steps), "--resolution", "64",
+                "--no-progress"]
+        for mode in MODES:
+            argv += ["--synthetic", str(self.synth_dir("siamese", mode))]
+        self.tool("evaluate", "python -m tools.evaluate", evaluate_tool.main, argv)
+
     def references(self) -> dict[str, dict[str, float]]:
         """What the rule and the base allow: the rule on the real training images, and on the base VAE's
         reconstructions of them (no generator can place a lesion more exactly than its first stage draws it)."""
@@ -228,6 +243,7 @@ class Demo:
                   "fidelity": summary, "references": self.references(),
                   "per_pair": {m: {mode: [asdict(p) for p in pairs] for mode, pairs in d.items()}
                                for m, d in scores.items()},
+                  "evaluation": json.loads(self.path("eval", "report.json").read_text(encoding="utf-8")),
                   "stage_seconds": self.timings, "skipped_stages": self.skipped,
                   "wall_seconds": round(total_seconds, 1),
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -252,6 +268,7 @@ class Demo:
             for mode in MODES:
                 done = len(read_manifest(self.synth_dir(model, mode) / "manifest.jsonl")) >= s.pairs
                 self.stage(f"sample {model} {mode}", done, lambda m=model, md=mode: self.sample(m, md))
+        self.stage("evaluate", self.path("eval", "report.json").is_file(), self.evaluate)
         logger.info("== report")
         return self.report(time.perf_counter() - start)
 
@@ -291,13 +308,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=d.sample_steps, help=f"DDIM steps (default {d.sample_steps})")
     p.add_argument("--cfg", type=float, default=d.cfg, help=f"guidance scale (default {d.cfg})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"data and sampling seed (default {d.seed})")
+    p.add_argument("--seg-steps", type=int, default=d.seg_steps,
+                   help=f"training steps of the evaluation's segmenters (default {d.seg_steps})")
     p.add_argument("--force", action="store_true", help="redo every stage (removes the demo's earlier outputs)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
     return p.parse_args(argv)
 
 
 def _body(args: argparse.Namespace) -> int:
-    for key in ("train_pairs", "steps", "batch_size", "pairs", "sample_steps", "pretrain_steps"):
+    for key in ("train_pairs", "steps", "batch_size", "pairs", "sample_steps", "pretrain_steps", "seg_steps"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.pairs > args.train_pairs:
@@ -305,7 +324,7 @@ def _body(args: argparse.Namespace) -> int:
     settings = Settings(out=args.out, train_pairs=args.train_pairs, steps=args.steps, lr=args.lr,
                         batch_size=args.batch_size, pairs=args.pairs, sample_steps=args.sample_steps, cfg=args.cfg,
                         seed=args.seed, pretrain=args.pretrain, pretrain_steps=args.pretrain_steps,
-                        baseline=not args.no_baseline)
+                        baseline=not args.no_baseline, seg_steps=args.seg_steps)
     prepare_out(args.out, args.force)
     result = Demo(settings).run()
     siamese = result["fidelity"]["siamese"]["real"]

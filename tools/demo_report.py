@@ -91,6 +91,20 @@ def write_report(path: Path, result: dict) -> Path:
             lines.append(_row(model, mode, summary))
     for name, summary in result.get("references", {}).items():
         lines.append(_row(f"*reference: the rule on the {name}*", "real", summary))
+    evaluation = result.get("evaluation")
+    if evaluation:
+        from siamese.evaluation.report import benchmark_table
+
+        lines += ["", "## The evaluation tools on these pairs (`python -m tools.evaluate`, details in eval/report.md)",
+                  "", "Mask fidelity judged by a segmenter trained on the real pairs instead of the colour rule:", "",
+                  "| Siamese pairs | pairs | Dice mean ± std | median |", "|---|---|---|---|"]
+        for name, f in evaluation["fidelity"].items():
+            lines.append(f"| {Path(name).name} masks | {f['pairs']} | {f['dice_mean']:.3f} ± {f['dice_std']:.3f} | "
+                         f"{f['dice_median']:.3f} |")
+        if "benchmark" in evaluation:
+            lines += ["", "Does the synthetic data help a segmenter? One seed, mDice / mIoU on the held-out real "
+                      "test split (the full benchmark with seeds: `python -m tools.segmentation_benchmark`):", "",
+                      *benchmark_table(evaluation["benchmark"])]
     lines += ["", "![mask | Siamese | overlay | baseline | untrained](grid.png)", "",
               "## What this shows and what it cannot", "",
               "It shows the whole workflow running (base → initial checkpoint → ZeRO-2 training → fp32 export → "

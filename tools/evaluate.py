@@ -115,10 +115,11 @@ def _quality(args: argparse.Namespace, out: Path, split_train: list[Path]) -> di
     result["diversity"] = {"mean_pixel_rmse": _finite(diversity.mean_pixel_rmse),
                            "mean_feature_cosine": _finite(diversity.mean_feature_cosine) if extractor else None,
                            "masks": len(diversity.per_mask), "skipped_single_sample_masks": diversity.skipped_single}
-    # Without an extractor the pixel vectors stand in as features, whose cosine says little: pixel RMSE decides.
+    # Without an extractor the pixel vectors stand in as features, whose cosine says little (similar-looking tissue
+    # is close): the pixel RMSE decides, the cosine flags exact copies only.
     report = quality.memorisation(synth_paths, split_train, synthetic_features=all_synth_f,
                                   training_features=train_f,
-                                  feature_threshold=args.copy_feature_threshold if extractor else 0.0,
+                                  feature_threshold=args.copy_feature_threshold if extractor else 1e-9,
                                   pixel_threshold=args.copy_pixel_threshold)
     report.write_nearest_pairs_png(out / "memorisation.png")
     result["memorisation"] = report.summary()

@@ -31,7 +31,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from cldm.callbacks import AtTrainStart, EMACallback, FinalCheckpoint, ImageLogger, StepProgressBar
+from cldm.callbacks import AtTrainStart, EMACallback, FinalCheckpoint, ImageLogger, MaskValidation, StepProgressBar
 from cldm.checkpoints import find_latest_checkpoint
 from cldm.data_order import StepSampler
 from cldm.lightning import ControlNetModule, TrainModule, TrainSettings
@@ -94,6 +94,62 @@ def _fixed_samples(dataset: Dataset, count: int) -> dict:
     return default_collate([dataset[i] for i in range(min(count, len(dataset)))])
 
 
+def make_loggers(cfg: ExperimentConfig) -> list:
+    """CSV metrics in ``logs/`` and/or TensorBoard event files in ``tb/`` (``tensorboard --logdir RUN/tb``)."""
+    out, kind = Path(cfg.train.output_dir), cfg.train.logger
+    loggers = []
+    if kind in ("csv", "both"):
+        loggers.append(CSVLogger(out, name="logs"))
+    if kind in ("tensorboard", "both"):
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(out, name="tb", default_hp_metric=False))
+    return loggers
+
+
+def validation_callback(cfg: ExperimentConfig) -> MaskValidation:
+    """Fixed held-out masks (``train.val_masks``, or generated ones the training never sees) with fixed seeds, scored
+    by mask fidelity: Dice of a segmentation of each sample against its mask (``train.val_segmenter``, or the colour
+    rule of the generated domain; without either, only the grid is logged)."""
+    import numpy as np
+
+    from siamese.data import DEFAULT_PROMPT, synthetic_pair
+    from siamese.evaluation.fidelity import colour_rule, dice, segmenter_rule
+    from siamese.masks import read_mask, resize_mask
+    from siamese.sampling import collect_masks
+
+    t, size = cfg.train, cfg.hint_size
+    if t.val_masks:
+        sources = collect_masks(t.val_masks, default_prompt=cfg.sample.prompt, prompt_override=cfg.data.prompt)
+        sources = sources[:t.val_samples]
+        masks, prompts = [read_mask(src.path) for src in sources], [src.prompt for src in sources]
+    else:
+        if cfg.data.root is not None:
+            raise ConfigError("train.val_every needs train.val_masks (held-out masks) when data.root is set")
+        # Generated held-out masks: a seed the training data (train.seed) never uses.
+        masks = [synthetic_pair(i, cfg.data.resolution, seed=t.seed + 1_000_003)[1] for i in range(t.val_samples)]
+        prompts = [cfg.data.prompt or DEFAULT_PROMPT] * len(masks)
+    hint = torch.from_numpy(np.stack([resize_mask(m, size) for m in masks]).astype(np.float32))[:, None]
+    if t.val_segmenter:
+        from siamese.evaluation.segmenter import load_segmenter
+
+        model, seg_cfg = load_segmenter(Path(t.val_segmenter))
+        segment = segmenter_rule(model, seg_cfg)
+    elif cfg.data.root is None:
+        segment = colour_rule
+    else:
+        segment = None
+        logger.warning("validation: no train.val_segmenter, so only the sample grid is logged (mask fidelity needs a "
+                       "segmenter, e.g. eval/segmenter_real_seed0.safetensors from python -m tools.evaluate)")
+
+    def score(images: list, masks01: list) -> dict[str, float]:
+        fitted = [resize_mask(m, image.shape[:2]) for image, m in zip(images, masks01)]
+        return {"val/mask_dice": float(np.mean([dice(p, m) for p, m in zip(segment(images), fitted)]))}
+
+    return MaskValidation(t.val_every, Path(t.output_dir) / "images", hint.repeat(1, 3, 1, 1), prompts,
+                          cfg.sample.steps, cfg.sample.cfg_scale, t.seed, score if segment else None)
+
+
 def make_trainer(cfg: ExperimentConfig, *, load_universal: bool = False) -> pl.Trainer:
     t = cfg.train
     accelerator = t.accelerator if t.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
@@ -112,7 +168,7 @@ def make_trainer(cfg: ExperimentConfig, *, load_universal: bool = False) -> pl.T
         callbacks.append(EMACallback(t.ema.decay, out / "ema_trainable.safetensors"))
     return pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=t.num_nodes, plugins=plugins,
                       strategy=strategy, precision=t.precision, max_steps=t.total_steps,
-                      logger=CSVLogger(out, name="logs"), log_every_n_steps=t.log_every, callbacks=callbacks,
+                      logger=make_loggers(cfg), log_every_n_steps=t.log_every, callbacks=callbacks,
                       default_root_dir=out, enable_model_summary=False, num_sanity_val_steps=0,
                       use_distributed_sampler=False)  # StepSampler splits the data across ranks itself
 
@@ -155,6 +211,8 @@ def train(cfg: ExperimentConfig, *, resume: str | Path | None = None, force: boo
                         generator=torch.Generator().manual_seed(cfg.train.seed))
     trainer = make_trainer(cfg, load_universal=universal)
     sampler.step_source = lambda: trainer.global_step
+    if cfg.train.val_every > 0 and build is None:
+        trainer.callbacks.append(validation_callback(cfg))
     if cfg.train.image_log_every > 0:
         trainer.callbacks.append(ImageLogger(cfg.train.image_log_every, Path(cfg.train.output_dir) / "images",
                                              _fixed_samples(dataset, 4), cfg.sample.steps, cfg.sample.cfg_scale,
