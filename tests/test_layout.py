@@ -22,13 +22,17 @@ from siamese.factory import build_model
 
 
 def _noncontiguous_inputs(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], list]:
+    """GroupNorm inputs must be channels-first contiguous; conv inputs contiguous in one of the two layouts (the DHI
+    trunk runs channels-last on purpose), never an accidental view."""
     found: dict[str, tuple[int, ...]] = {}
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.GroupNorm, torch.nn.Conv2d)):
-            def hook(_module, inputs, name=name):
+            def hook(module, inputs, name=name):
                 x = inputs[0]
-                if x.dim() == 4 and not x.is_contiguous():
+                ok = x.is_contiguous() or (isinstance(module, torch.nn.Conv2d)
+                                           and x.is_contiguous(memory_format=torch.channels_last))
+                if x.dim() == 4 and not ok:
                     found[name] = x.stride()
             handles.append(module.register_forward_pre_hook(hook))
     return found, handles

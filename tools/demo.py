@@ -83,7 +83,7 @@ class Settings:
     pretrain: bool = False
     pretrain_steps: int | None = None  # None: configs/base_tiny.yaml's
     baseline: bool = True
-    seg_steps: int = 200  # segmenter steps in the evaluation
+    seg_steps: int = 120  # segmenter steps in the evaluation
 
 
 @dataclass
