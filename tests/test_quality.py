@@ -17,6 +17,7 @@ import torch
 from scipy.spatial.distance import pdist
 
 from siamese.data import synthetic_pair
+from siamese.evaluation import features
 from siamese.evaluation import quality as q
 
 # ------------------------------------------------------------------------------------------------ references
@@ -202,7 +203,8 @@ def test_torchvision_and_timm_towers_load_a_local_resnet18(resnet18_file):
     assert feats.shape == (3, 512)
     # Penultimate layer of the very weights in the file (224 px: no resize, ImageNet normalisation).
     x = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2)).float() / 255
-    x = (x - torch.tensor(q._IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(q._IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(features._IMAGENET_MEAN), torch.tensor(features._IMAGENET_STD)
+    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     model.fc = torch.nn.Identity()
     with torch.no_grad():
         np.testing.assert_allclose(feats, model(x).double().numpy(), rtol=1e-4, atol=1e-5)
@@ -275,7 +277,7 @@ def test_inception_needs_its_local_file_and_never_downloads(tmp_path, monkeypatc
         assert q.INCEPTION_WEIGHTS_FILE in message and q.INCEPTION_URL in message
     # The architecture with a weight file written here (random weights): 2048-d pool features.
     path = tmp_path / "inception.safetensors"
-    save_state_dict(q._random_inception().state_dict(), path)
+    save_state_dict(features._random_inception().state_dict(), path)
     extractor = q.load_feature_extractor("inception", path)
     feats = extractor.features(lesion_images(2), progress=False)
     assert feats.shape == (2, 2048) and np.isfinite(feats).all()
