@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ldm.checkpoint import save_state_dict
@@ -79,6 +81,22 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def due(trainer: pl.Trainer, every: int) -> bool:
+    """A periodic rank-0 callback's turn: every ``every`` optimizer steps (0: never), on rank 0 only."""
+    return every > 0 and trainer.global_step % every == 0 and trainer.is_global_zero
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Evaluation mode for the block (sampling during training), the previous mode restored afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 class ImageLogger(pl.Callback):
     """Every ``every`` steps, rank 0 asks the module for its image columns on a few fixed samples
     (``TrainModule.image_columns``: mask | real image | sample for ControlNet training, image | reconstruction for
@@ -90,15 +108,14 @@ class ImageLogger(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         step = trainer.global_step
-        if self.every <= 0 or step % self.every or not trainer.is_global_zero:
+        if not due(trainer, self.every):
             return
-        was_training = pl_module.training
-        pl_module.eval()
         device = pl_module.device
         samples = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.samples.items()}
         generator = torch.Generator(device=device).manual_seed(self.seed)
-        columns = pl_module.image_columns(samples, steps=self.steps, cfg_scale=self.cfg_scale, generator=generator)
-        pl_module.train(was_training)
+        with eval_mode(pl_module):
+            columns = pl_module.image_columns(samples, steps=self.steps, cfg_scale=self.cfg_scale,
+                                              generator=generator)
         path = self.out_dir / f"step_{step:07d}.png"
         write_png(path, image_grid(columns))
         logger.info("sample grid written to %s", path)
@@ -126,16 +143,13 @@ class MaskValidation(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         step = trainer.global_step
-        if self.every <= 0 or step % self.every or not trainer.is_global_zero:
+        if not due(trainer, self.every):
             return
-        was_training = pl_module.training
-        pl_module.eval()
         hint = self.masks.to(pl_module.device)
         generators = [torch.Generator().manual_seed(self.seed + i) for i in range(len(hint))]
-        with torch.no_grad():
+        with eval_mode(pl_module), torch.no_grad():
             images = pl_module.net.sample(hint, self.prompts, steps=self.steps, cfg_scale=self.cfg_scale,
                                           generator=generators)
-        pl_module.train(was_training)
         rgb = to_uint8(images)
         metrics = self.score(list(rgb), [m for m in self.masks[:, 0].numpy().astype(np.uint8)]) if self.score else {}
         for run_logger in trainer.loggers:
