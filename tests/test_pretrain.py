@@ -186,3 +186,14 @@ def test_image_dataset_reads_a_plain_folder_and_a_prompt_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no prompt.json and no images"):
         ImageDataset.from_root(tmp_path / "empty", 32, prompt="x")
+
+
+def test_resume_latest_continues_a_stage_and_starts_the_next(tmp_path):
+    # The first stage ran 2 of its steps (its run stopped there), the UNet stage never started.
+    assert pretrain_tool.main(["--config", str(BASE), "--stage", "autoencoder",
+                               *_overrides(tmp_path, **{"pretrain.autoencoder.total_steps": 2})]) == 0
+    (tmp_path / "autoencoder.safetensors").unlink()  # as if the stage had been interrupted after its checkpoint
+    assert pretrain_tool.main(["--config", str(BASE), "--resume", "latest",
+                               *_overrides(tmp_path, **{"pretrain.autoencoder.total_steps": 3})]) == 0
+    assert (tmp_path / "autoencoder" / "checkpoints" / "step=3.ckpt").is_dir()  # continued from step 2 to 3
+    assert (tmp_path / "base.safetensors").is_file()  # and the UNet stage started fresh and finished

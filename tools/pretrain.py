@@ -61,6 +61,15 @@ def stage_result(cfg: ExperimentConfig, stage: str) -> Path:
     return Path(cfg.train.output_dir) / STAGE_FILES[stage]
 
 
+def _stage_run(stage_cfg: ExperimentConfig, resume: str | None, force: bool) -> tuple[str | None, bool]:
+    """(resume, force) for one stage: ``--resume latest`` continues a stage that has a checkpoint and starts one that
+    has none (a stage killed before its first checkpoint starts over)."""
+    has_checkpoint = find_latest_checkpoint(checkpoint_dir(stage_cfg), warn=False) is not None
+    if resume and not has_checkpoint:
+        return None, True
+    return (resume if has_checkpoint else None), force
+
+
 def _init_weights(cfg: ExperimentConfig, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
     if not cfg.train.init_ckpt:
         return {}
@@ -96,7 +105,8 @@ def pretrain_autoencoder(cfg: ExperimentConfig, *, resume: str | None, force: bo
                                    perceptual_weight=ae.perceptual_weight)
         return module, build_image_dataset(c)
 
-    train(stage_cfg, resume=resume, force=force, unsafe_pickle=unsafe_pickle, build=build)
+    stage_resume, stage_force = _stage_run(stage_cfg, resume, force)
+    train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build)
     weights = _consolidated(stage_cfg, "", unsafe_pickle=unsafe_pickle)
     first_stage.load_state_dict(filter_prefix(weights, FIRST_STAGE_PREFIX))
     scale = cfg.model.first_stage.scale_factor
@@ -149,7 +159,8 @@ def pretrain_unet(cfg: ExperimentConfig, first_stage: dict[str, torch.Tensor], *
         module = LatentDiffusionModule(net, lr=c.train.lr, prompt_dropout=cfg.pretrain.unet.prompt_dropout)
         return module, build_image_dataset(c)
 
-    train(stage_cfg, resume=resume, force=force, unsafe_pickle=unsafe_pickle, build=build)
+    stage_resume, stage_force = _stage_run(stage_cfg, resume, force)
+    train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build)
     weights = _consolidated(stage_cfg, "net.", unsafe_pickle=unsafe_pickle)
     with torch.device("meta"):
         expected = build_latent_diffusion(cfg.model).state_dict()
