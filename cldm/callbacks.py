@@ -102,9 +102,10 @@ class ImageLogger(pl.Callback):
     (``TrainModule.image_columns``: mask | real image | sample for ControlNet training, image | reconstruction for
     the first stage, ...) and writes ``<out_dir>/step_<N>.png``, one row per sample."""
 
-    def __init__(self, every: int, out_dir: str | Path, samples: dict, steps: int, cfg_scale: float, seed: int):
+    def __init__(self, every: int, out_dir: str | Path, samples: dict, steps: int, cfg_scale: float, seed: int,
+                 sampler: str = "ddim"):
         self.every, self.out_dir, self.samples = every, Path(out_dir), samples
-        self.steps, self.cfg_scale, self.seed = steps, cfg_scale, seed
+        self.steps, self.cfg_scale, self.seed, self.sampler = steps, cfg_scale, seed, sampler
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         step = trainer.global_step
@@ -115,7 +116,7 @@ class ImageLogger(pl.Callback):
         generator = torch.Generator(device=device).manual_seed(self.seed)
         with eval_mode(pl_module):
             columns = pl_module.image_columns(samples, steps=self.steps, cfg_scale=self.cfg_scale,
-                                              generator=generator)
+                                              generator=generator, sampler=self.sampler)
         path = self.out_dir / f"step_{step:07d}.png"
         write_png(path, image_grid(columns))
         logger.info("sample grid written to %s", path)
@@ -137,9 +138,10 @@ class MaskValidation(pl.Callback):
     every logger, and writes ``<out_dir>/val_step_<N>.png`` (mask | sample; also to TensorBoard when it logs)."""
 
     def __init__(self, every: int, out_dir: str | Path, masks: Tensor, prompts: list[str], steps: int,
-                 cfg_scale: float, seed: int, score=None):
+                 cfg_scale: float, seed: int, score=None, sampler: str = "ddim", cfg_mask: float | None = None):
         self.every, self.out_dir, self.masks, self.prompts = every, Path(out_dir), masks, prompts
         self.steps, self.cfg_scale, self.seed, self.score = steps, cfg_scale, seed, score
+        self.sampler, self.cfg_mask = sampler, cfg_mask  # sampled as tools/inference.py samples (sample.*)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         step = trainer.global_step
@@ -149,7 +151,7 @@ class MaskValidation(pl.Callback):
         generators = [torch.Generator().manual_seed(self.seed + i) for i in range(len(hint))]
         with eval_mode(pl_module), torch.no_grad():
             images = pl_module.net.sample(hint, self.prompts, steps=self.steps, cfg_scale=self.cfg_scale,
-                                          generator=generators)
+                                          generator=generators, sampler=self.sampler, cfg_mask=self.cfg_mask)
         rgb = to_uint8(images)
         metrics = self.score(list(rgb), [m for m in self.masks[:, 0].numpy().astype(np.uint8)]) if self.score else {}
         for run_logger in trainer.loggers:

@@ -56,8 +56,8 @@ class TrainModule(pl.LightningModule):
         raise NotImplementedError
 
     @torch.no_grad()
-    def image_columns(self, samples: dict, *, steps: int, cfg_scale: float, generator: torch.Generator
-                      ) -> list[Tensor]:
+    def image_columns(self, samples: dict, *, steps: int, cfg_scale: float, generator: torch.Generator,
+                      sampler: str = "ddim") -> list[Tensor]:
         """Columns of the logged image grid for a few fixed samples, each (B, 3, H, W) in [-1, 1]."""
         raise NotImplementedError
 
@@ -125,10 +125,10 @@ class ControlNetModule(TrainModule):
         return self.loss_terms(self.prepare_batch(batch), step)
 
     @torch.no_grad()
-    def image_columns(self, samples: dict, *, steps: int, cfg_scale: float, generator: torch.Generator
-                      ) -> list[Tensor]:
+    def image_columns(self, samples: dict, *, steps: int, cfg_scale: float, generator: torch.Generator,
+                      sampler: str = "ddim") -> list[Tensor]:
         """mask | real image | sample of the mask branch."""
         hint = samples["mask_hint"]
         images = self.net.sample(hint, list(samples["prompt"]), steps=steps, cfg_scale=cfg_scale,
-                                 generator=generator)
+                                 generator=generator, sampler=sampler)
         return [hint * 2 - 1, samples["image"], images]

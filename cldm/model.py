@@ -69,23 +69,30 @@ class ControlLDM(LatentDiffusion):
     def sample(self, hint: Tensor, prompts: Sequence[str], *, steps: int = 50, cfg_scale: float = 9.0,
                eta: float = 0.0, generator: Generators = None, x_T: Tensor | None = None,
                batched_cfg: bool = True, progress: bool = False, context: Tensor | None = None,
-               uncond_context: Tensor | None = None) -> Tensor:
-        """Mask-conditioned DDIM sampling → images in [-1, 1] (``LatentDiffusion.sample`` with a hint first).
+               uncond_context: Tensor | None = None, sampler: str = "ddim", cfg_mask: float | None = None) -> Tensor:
+        """Mask-conditioned sampling (``sampler``: ddim, dpmpp_2m or unipc) → images in [-1, 1]
+        (``LatentDiffusion.sample`` with a hint first).
 
         Classifier-free guidance on the text only: the unconditional input is the empty prompt with the *same*
-        hint, ``ε = ε(z, "", h) + s · (ε(z, τ, h) − ε(z, "", h))`` (the released protocol). ``generator`` may be
-        one per sample (see ``ddim_sample``); ``context`` / ``uncond_context`` are text contexts already encoded
-        (of ``prompts`` / of ""), e.g. cached by a caller that samples many batches with few prompts.
+        hint, ``ε = ε(z, "", h) + s · (ε(z, τ, h) − ε(z, "", h))`` (the released protocol). ``cfg_mask = s_m``
+        guides the mask separately (InstructPix2Pix, Brooks et al. 2023, eq. 3), with an all-zero hint in the fully
+        unconditional branch: ``ε = ε(z, "", 0) + s_m · (ε(z, "", h) − ε(z, "", 0)) + s · (ε(z, τ, h) − ε(z, "", h))``
+        (three branches per step). ``generator`` may be one per sample (see ``ddim_sample``); ``context`` /
+        ``uncond_context`` are text contexts already encoded (of ``prompts`` / of ""), e.g. cached by a caller that
+        samples many batches with few prompts.
         """
         hint = hint.to(self.betas.device, self.unet.dtype)  # the networks' dtype (bf16 when DeepSpeed cast them)
         b, _, h, w = hint.shape
         cond = {"context": self.encode_prompts(prompts) if context is None else context, "hint": hint}
-        uncond = None
-        if cfg_scale != 1.0:
+        uncond = uncond_all = None
+        if cfg_scale != 1.0 or cfg_mask is not None:
             uncond = {"context": self.encode_prompts([""] * b) if uncond_context is None else uncond_context,
                       "hint": hint}
+        if cfg_mask is not None:
+            uncond_all = {"context": uncond["context"], "hint": torch.zeros_like(hint)}
         shape = (b, self.unet.config.in_channels, h // HINT_DOWNSAMPLE, w // HINT_DOWNSAMPLE)
         z = self.sample_latents(cond, uncond, shape, steps=steps, cfg_scale=cfg_scale, eta=eta, generator=generator,
-                                x_T=x_T, batched_cfg=batched_cfg, progress=progress)
+                                x_T=x_T, batched_cfg=batched_cfg, progress=progress, sampler=sampler,
+                                uncond_all=uncond_all, scale_all=cfg_mask)
         return self.decode_latents(z)
 

@@ -64,8 +64,8 @@ class AutoencoderModule(TrainModule):
                                  self.perceptual_weight)
 
     @torch.no_grad()
-    def image_columns(self, samples: dict, *, steps: int, cfg_scale: float, generator: torch.Generator
-                      ) -> list[Tensor]:
+    def image_columns(self, samples: dict, *, steps: int, cfg_scale: float, generator: torch.Generator,
+                      sampler: str = "ddim") -> list[Tensor]:
         """image | reconstruction (the posterior mode)."""
         images = samples["image"].to(self.first_stage_model.quant_conv.weight.dtype)
         return [images, self.first_stage_model.decode(self.first_stage_model.encode(images).mode()).clamp(-1, 1)]
@@ -94,12 +94,12 @@ class LatentDiffusionModule(TrainModule):
         return StepLoss(per_sample.mean(), {"loss_simple": per_sample}, {})
 
     @torch.no_grad()
-    def image_columns(self, samples: dict, *, steps: int, cfg_scale: float, generator: torch.Generator
-                      ) -> list[Tensor]:
+    def image_columns(self, samples: dict, *, steps: int, cfg_scale: float, generator: torch.Generator,
+                      sampler: str = "ddim") -> list[Tensor]:
         """a training image | a sample for its prompt (classifier-free guidance on the text)."""
         images = samples["image"]
         generated = self.net.sample(list(samples["prompt"]), tuple(images.shape[-2:]), steps=steps,
-                                    cfg_scale=cfg_scale, generator=generator)
+                                    cfg_scale=cfg_scale, generator=generator, sampler=sampler)
         return [images, generated]
 
 

@@ -7,15 +7,17 @@ are interchangeable with SD1.5 checkpoints. The text encoder runs on open_clip's
 translate its keys to and from the SD1.5 layout. ``cldm.model.ControlLDM`` extends this with ``control_model.*``.
 
 Base pretraining (``tools/pretrain.py``) trains the UNet of this module as SD1.5 was trained: ε-prediction with the
-text context, classifier-free guidance by dropping the prompt. Sampling is text-conditioned DDIM.
+text context, classifier-free guidance by dropping the prompt. Sampling is text-conditioned: DDIM or one of the
+faster ODE solvers of ``ldm.solvers`` (``sampler``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ldm import solvers
 from ldm.autoencoder import AutoencoderKL, IdentityFirstStage
-from ldm.sampler import Generators, cfg_denoiser, ddim_sample
+from ldm.sampler import Generators, cfg_denoiser, dual_cfg_denoiser
 from ldm.schedule import BUFFER_NAMES, Schedule
 from ldm.text_encoder import FrozenCLIPTextEncoder, open_clip_to_sd15, sd15_to_open_clip
 from ldm.unet import UNetModel
@@ -113,17 +115,24 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def sample_latents(self, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None, shape: Sequence[int], *,
                        steps: int, cfg_scale: float, eta: float, generator: Generators, x_T: Tensor | None,
-                       batched_cfg: bool, progress: bool) -> Tensor:
-        """DDIM over ``denoise`` with classifier-free guidance (``uncond`` = the unconditional ``cond``)."""
-        denoise = cfg_denoiser(self.denoise, uncond, cfg_scale, batched=batched_cfg)
-        return ddim_sample(denoise, shape, cond, self.schedule, steps=steps, eta=eta, generator=generator, x_T=x_T,
-                           device=self.betas.device, dtype=self.unet.dtype, progress=progress)
+                       batched_cfg: bool, progress: bool, sampler: str = "ddim",
+                       uncond_all: dict[str, Tensor] | None = None, scale_all: float | None = None) -> Tensor:
+        """``sampler`` (``ldm.solvers.SAMPLERS``) over ``denoise`` with classifier-free guidance (``uncond`` = the
+        unconditional ``cond``). With ``scale_all`` set, two-condition guidance (``dual_cfg_denoiser``) instead:
+        ``uncond_all`` is the fully unconditional input, ``scale_all`` the scale from it to ``uncond``."""
+        if scale_all is None:
+            denoise = cfg_denoiser(self.denoise, uncond, cfg_scale, batched=batched_cfg)
+        else:
+            denoise = dual_cfg_denoiser(self.denoise, uncond, uncond_all, cfg_scale, scale_all, batched=batched_cfg)
+        return solvers.sample(sampler, denoise, shape, cond, self.schedule, steps=steps, eta=eta, generator=generator,
+                              x_T=x_T, device=self.betas.device, dtype=self.unet.dtype, progress=progress)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], size: int | tuple[int, int], *, steps: int = 50, cfg_scale: float = 9.0,
                eta: float = 0.0, generator: Generators = None, x_T: Tensor | None = None, batched_cfg: bool = True,
-               progress: bool = False) -> Tensor:
-        """Text-conditioned DDIM sampling of images of ``size`` pixels → images in [-1, 1].
+               progress: bool = False, sampler: str = "ddim") -> Tensor:
+        """Text-conditioned sampling (``sampler``: ddim, dpmpp_2m or unipc) of images of ``size`` pixels → images in
+        [-1, 1].
 
         Guidance: ``ε = ε(z, "") + s · (ε(z, τ) − ε(z, ""))`` (Ho & Salimans 2022), as SD1.5 samples.
         """
@@ -136,5 +145,5 @@ class LatentDiffusion(nn.Module):
         uncond = {"context": self.encode_prompts([""] * len(prompts)).to(dtype)} if cfg_scale != 1.0 else None
         shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
         z = self.sample_latents(cond, uncond, shape, steps=steps, cfg_scale=cfg_scale, eta=eta, generator=generator,
-                                x_T=x_T, batched_cfg=batched_cfg, progress=progress)
+                                x_T=x_T, batched_cfg=batched_cfg, progress=progress, sampler=sampler)
         return self.decode_latents(z)

@@ -7,6 +7,10 @@ Siamese mask branch and test oracles are all just denoise functions, so one samp
 
 Conditioning objects are opaque to the sampler; for batched CFG they may be tensors, dicts of tensors, or lists of
 tensors (the ldm/ControlNet ``{"c_crossattn": [...], "c_concat": [...]}`` layout), concatenated along dim 0.
+
+``dual_cfg_denoiser`` is the two-condition guidance of InstructPix2Pix (Brooks et al. 2023, eq. 3), used to guide a
+second condition (e.g. the mask hint) separately from the text. Faster ODE solvers on the same protocol, and the
+``sample(sampler, …)`` dispatcher over all of them, live in ``ldm.solvers``.
 """
 
 from __future__ import annotations
@@ -74,21 +78,63 @@ def cfg_denoiser(fn: DenoiseFn, uncond: Any, scale: float, batched: bool = True)
     return denoise_cfg
 
 
+def dual_cfg_denoiser(fn: DenoiseFn, uncond: Any, uncond_all: Any, scale: float, scale_all: float,
+                      batched: bool = True) -> DenoiseFn:
+    """Two-condition classifier-free guidance, InstructPix2Pix (Brooks et al. 2023, eq. 3):
+
+    ``eps = eps(x, uncond_all) + scale_all · (eps(x, uncond) − eps(x, uncond_all)) + scale · (eps(x, cond) −
+    eps(x, uncond))``. For mask-conditioned sampling ``cond`` = (prompt, mask), ``uncond`` = ("", mask) and
+    ``uncond_all`` = ("", zero hint): ``scale_all`` guides towards the mask, ``scale`` towards the text.
+    ``batched=True`` runs the three branches in one call on a tripled batch (order: uncond_all, uncond, cond);
+    ``batched=False`` makes three calls (a third of the peak memory). No branch is skipped at any scale.
+    """
+    if uncond is None or uncond_all is None:
+        raise ValueError("dual_cfg_denoiser: needs both an unconditional and a fully unconditional conditioning")
+
+    def denoise_dual(x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        if batched:
+            out = fn(torch.cat([x, x, x]), torch.cat([t, t, t]), cat_cond(cat_cond(uncond_all, uncond), cond))
+            eps_all, eps_uncond, eps_cond = out.chunk(3)
+        else:
+            eps_all = fn(x, t, uncond_all)
+            eps_uncond = fn(x, t, uncond)
+            eps_cond = fn(x, t, cond)
+        return eps_all + scale_all * (eps_uncond - eps_all) + scale * (eps_cond - eps_uncond)
+
+    return denoise_dual
+
+
 Generators = torch.Generator | Sequence[torch.Generator] | None
 """One generator for the whole batch, one per sample (row ``i`` of every draw comes from ``generator[i]``, so a
 sample's noise does not depend on the batch it is in), or None for the global RNG."""
 
 
-def _randn(shape: Sequence[int], generator: Generators, device: torch.device, dtype: torch.dtype) -> Tensor:
+def _randn(shape: Sequence[int], generator: Generators, device: torch.device, dtype: torch.dtype,
+           who: str = "ddim_sample") -> Tensor:
     """Standard normal noise; drawn in float32 on the generator's device (so a seed gives the same numbers
     whatever the target dtype/device), then moved. A sequence of generators draws one batch row from each."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
-            raise ValueError(f"ddim_sample: {len(generator)} generators for a batch of {shape[0]} (one per sample)")
-        return torch.stack([_randn(shape[1:], g, device, dtype) for g in generator])
+            raise ValueError(f"{who}: {len(generator)} generators for a batch of {shape[0]} (one per sample)")
+        return torch.stack([_randn(shape[1:], g, device, dtype, who) for g in generator])
     draw_device = generator.device if generator is not None else device
     z = torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=torch.float32)
     return z.to(device=device, dtype=dtype)
+
+
+def initial_latent(shape: Sequence[int], generator: Generators, x_T: Tensor | None,
+                   device: torch.device | str | None, dtype: torch.dtype, who: str) -> Tensor:
+    """A sampler's starting latent: ``x_T`` (checked against ``shape``) or fresh noise from ``generator``, on
+    ``device`` (default: ``x_T``'s device, else CPU) in ``dtype``. ``who`` names the sampler in errors."""
+    if device is None:
+        device = x_T.device if x_T is not None else torch.device("cpu")
+    device = torch.device(device)
+    shape = tuple(int(s) for s in shape)
+    if x_T is None:
+        return _randn(shape, generator, device, dtype, who)
+    if tuple(x_T.shape) != shape:
+        raise ValueError(f"{who}: x_T has shape {tuple(x_T.shape)}, expected {shape}")
+    return x_T.to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
@@ -113,17 +159,8 @@ def ddim_sample(
     independent of its batch). ``callback(i, t, x)`` gets the step index, timestep and the new latent.
     Runs under ``no_grad``.
     """
-    if device is None:
-        device = x_T.device if x_T is not None else torch.device("cpu")
-    device = torch.device(device)
-    shape = tuple(int(s) for s in shape)
-    if x_T is None:
-        x = _randn(shape, generator, device, dtype)
-    else:
-        if tuple(x_T.shape) != shape:
-            raise ValueError(f"ddim_sample: x_T has shape {tuple(x_T.shape)}, expected {shape}")
-        x = x_T.to(device=device, dtype=dtype)
-
+    x = initial_latent(shape, generator, x_T, device, dtype, "ddim_sample")
+    device, shape = x.device, tuple(x.shape)
     t_steps = ddim_timesteps(steps, schedule.num_timesteps)
     a_t, a_prev = ddim_alphas(schedule.alphas_cumprod.cpu(), t_steps)
     order = list(reversed(range(t_steps.numel())))

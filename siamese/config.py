@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ldm.checkpoint import SAFETENSORS_SUFFIXES, read_metadata
 from ldm.schedule import BETA_KINDS
+from ldm.solvers import SAMPLERS
 from ldm.text_encoder import TextEncoderConfig
 from ldm.unet import UNetConfig
 
@@ -145,6 +146,8 @@ class SampleConfig:
     eta: float = 0.0
     cfg_scale: float = 9.0
     prompt: str = "A photo of a polyp."
+    sampler: str = "ddim"  # ddim | dpmpp_2m | unipc (ldm.solvers; the solvers need eta 0)
+    cfg_mask: float | None = None  # separate guidance of the mask (InstructPix2Pix eq. 3); null: text guidance only
 
 
 @dataclass(frozen=True)
@@ -309,6 +312,10 @@ def check(cfg: ExperimentConfig, where: str = "config") -> None:
              "VGG16 weight file; nothing is downloaded)")
     if not 0.0 <= cfg.pretrain.unet.prompt_dropout <= 1.0:
         fail(f"pretrain.unet.prompt_dropout must be in [0, 1], got {cfg.pretrain.unet.prompt_dropout}")
+    if cfg.sample.sampler not in SAMPLERS:
+        fail(f"sample.sampler {cfg.sample.sampler!r} is not one of {list(SAMPLERS)}")
+    if cfg.sample.cfg_mask is not None and cfg.sample.cfg_mask < 0:
+        fail(f"sample.cfg_mask must be >= 0 or null, got {cfg.sample.cfg_mask}")
 
 
 def stage_config(cfg: ExperimentConfig, stage: str) -> ExperimentConfig:

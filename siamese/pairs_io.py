@@ -97,6 +97,11 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+# Settings added to the run info after manifests were first written: a manifest line without one was made with
+# its value here (DDIM before the solvers existed), so resuming such an OUT with the defaults is not refused.
+RUN_INFO_DEFAULTS = {"sampler": "ddim", "cfg_mask": None}
+
+
 class PairWriter:
     """Writes pairs into ``out_dir`` and knows which are complete. ``run_info`` (JSON-able settings shared by every
     pair: steps, cfg, checkpoint hash, …) goes into each manifest line and must match an existing manifest's;
@@ -135,7 +140,7 @@ class PairWriter:
             keys = list(self.run_info) + (list(ITEM_KEYS) if name in expected else [])
             new = expected.get(name, self.run_info)
             for key in keys:
-                if not _same(old.get(key), new.get(key)):
+                if not _same(old.get(key, RUN_INFO_DEFAULTS.get(key)), new.get(key)):
                     raise ValueError(f"{self.manifest_path}: pair {name} was made with {key}={old.get(key)!r}, this "
                                      f"run has {key}={new.get(key)!r}; use another --out (or the same settings)")
 

@@ -39,8 +39,8 @@ UNIVERSAL_DIR = ".universal"
 RESUMABLE = frozenset({
     "train.total_steps", "train.devices", "train.num_nodes", "train.log_every", "train.image_log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "data.num_workers", "sample.steps", "sample.eta",
-    "sample.cfg_scale", "sample.prompt", "train.logger", "train.val_every", "train.val_masks", "train.val_samples",
-    "train.val_segmenter",
+    "sample.cfg_scale", "sample.prompt", "sample.sampler", "sample.cfg_mask", "train.logger", "train.val_every",
+    "train.val_masks", "train.val_samples", "train.val_segmenter",
 })
 # What a run directory's own files are (what --force clears; nothing else in the directory is touched).
 RUN_FILES = ("checkpoints", "logs", "images", CONFIG, HISTORY, "ema_trainable.safetensors", UNIVERSAL_DIR)

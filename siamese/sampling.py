@@ -1,7 +1,8 @@
 """Sampling synthetic image-mask pairs with the Mask-Diffusion branch: the paper's data-generation protocol.
 
 At sampling time Siamese-Diffusion needs only a mask: DDIM (50 uniform steps, η = 0) with classifier-free guidance
-on the text, the unconditional input being the empty prompt with the *same* mask hint (METHOD.md, "Sampling"). This
+on the text, the unconditional input being the empty prompt with the *same* mask hint (METHOD.md, "Sampling");
+faster ODE solvers (``sampler``) and separate guidance of the mask (``cfg_mask``) are options, off by default. This
 module turns a set of masks into a deterministic list of work items (mask × ``n_per_mask``), each with its own seed
 derived from (base seed, mask name, index k) by SHA-256. Every sample draws its initial latent and (η > 0) its
 per-step noise from its own generator, so a pair is the same sample whatever batch, shard or resumed run computes
@@ -22,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+
+from ldm.solvers import SAMPLERS
 
 import numpy as np
 import torch
@@ -247,17 +250,18 @@ class _PromptCache:
 def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int, steps: int = 50,
                  cfg_scale: float = 9.0, eta: float = 0.0, batch_size: int = 4, mask_mode: str = "real",
                  augment: MaskAugment | None = None, precision: str = "fp32", batched_cfg: bool = True,
-                 pad: bool = True) -> Iterator[SampledPair]:
+                 pad: bool = True, sampler: str = "ddim", cfg_mask: float | None = None) -> Iterator[SampledPair]:
     """Generate one image per work item with the mask branch; yields pairs in item order, batch by batch.
 
     ``model`` is a loaded ``ControlLDM`` on its device (``model.eval()``); ``hint_size`` is the mask resolution the
     model was trained with (``ExperimentConfig.hint_size``: the image size for an ×8 VAE). Guidance: ``cfg_scale``
     with the empty prompt and the same hint as unconditional input (as ``ControlLDM.sample``); 1 = the conditional
-    branch only. Each pair's noise comes from ``torch.Generator().manual_seed(item.seed)`` (drawn on CPU in float32,
-    then moved), text contexts are encoded per prompt (and cached), and rows of a batch never interact. Batched kernels
-    still round differently at other batch sizes and row positions, so a file is bit-identical for the same
-    ``batch_size`` and position in its batch (``pad`` keeps the last batch full-size); between batch sizes images
-    agree up to float rounding. Example::
+    branch only; ``cfg_mask`` adds separate guidance of the mask (``ControlLDM.sample``); ``sampler`` is one of
+    ``ldm.solvers.SAMPLERS``. Each pair's noise comes from ``torch.Generator().manual_seed(item.seed)`` (drawn on CPU
+    in float32, then moved), text contexts are encoded per prompt (and cached), and rows of a batch never interact.
+    Batched kernels still round differently at other batch sizes and row positions, so a file is bit-identical for
+    the same ``batch_size`` and position in its batch (``pad`` keeps the last batch full-size); between batch sizes
+    images agree up to float rounding. Example::
 
         items = make_items(collect_masks("masks/", default_prompt="A photo of a polyp."), n_per_mask=2, seed=0)
         for pair in sample_pairs(model, items, hint_size=cfg.hint_size, steps=50):
@@ -267,6 +271,8 @@ def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}")
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask mode {mask_mode!r} is not one of {list(MASK_MODES)}")
     device = next(model.parameters()).device
@@ -281,8 +287,10 @@ def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int
         generators = [torch.Generator().manual_seed(item.seed) for item in padded]
         with autocast:
             prompts = [item.source.prompt for item in padded]
+            unconditional = cfg_scale != 1.0 or cfg_mask is not None
             images = model.sample(_hints(padded_masks, hint_size, device), prompts, steps=steps, cfg_scale=cfg_scale,
                                   eta=eta, generator=generators, batched_cfg=batched_cfg, context=contexts(prompts),
-                                  uncond_context=contexts([""] * len(prompts)) if cfg_scale != 1.0 else None)
+                                  uncond_context=contexts([""] * len(prompts)) if unconditional else None,
+                                  sampler=sampler, cfg_mask=cfg_mask)
         for item, mask01, rgb in zip(batch, masks, _to_uint8(images)):
             yield SampledPair(item, rgb, resize_mask(mask01, rgb.shape[:2]), mask01)

@@ -68,3 +68,40 @@ def test_hi_hint_encoder_forward_and_backward():
     encoder(hint).pow(2).mean().backward()
     assert encoder[0].weight.grad.abs().sum() > 0 and hint.grad is not None
     assert sum(p.numel() for p in HintEncoder(3, 320).parameters()) == 1_086_480  # METHOD.md, HI at SD1.5
+
+
+class _Sampling(nn.Module):
+    """A LightningModule-shaped holder that records how the image callbacks ask for samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[dict] = []
+        self.net = SimpleNamespace(sample=self._sample)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def _sample(self, hint, prompts, **kwargs):
+        self.calls.append(kwargs)
+        return torch.zeros(len(prompts), 3, 8, 8)
+
+    def image_columns(self, samples, **kwargs):
+        self.calls.append(kwargs)
+        return [torch.zeros(1, 3, 8, 8)]
+
+
+def test_image_callbacks_sample_with_the_configured_sampler(tmp_path):
+    from cldm.callbacks import ImageLogger, MaskValidation
+
+    trainer = SimpleNamespace(global_step=2, is_global_zero=True, loggers=[])
+    module = _Sampling()
+    ImageLogger(2, tmp_path, {"prompt": ["p"]}, 7, 3.0, 0, sampler="unipc").on_train_batch_end(trainer, module)
+    assert module.calls[-1]["sampler"] == "unipc" and module.calls[-1]["steps"] == 7
+    masks = torch.zeros(2, 3, 8, 8)
+    MaskValidation(2, tmp_path, masks, ["p", "p"], 5, 2.0, 0, sampler="dpmpp_2m",
+                   cfg_mask=1.5).on_train_batch_end(trainer, module)
+    assert {k: module.calls[-1][k] for k in ("steps", "cfg_scale", "sampler", "cfg_mask")} == {
+        "steps": 5, "cfg_scale": 2.0, "sampler": "dpmpp_2m", "cfg_mask": 1.5}
+    MaskValidation(2, tmp_path, masks, ["p", "p"], 5, 2.0, 0).on_train_batch_end(trainer, module)
+    assert (module.calls[-1]["sampler"], module.calls[-1]["cfg_mask"]) == ("ddim", None)  # the paper's protocol

@@ -34,6 +34,8 @@ RULES = [
     (["pretrain.autoencoder.kl_weight=-1"], "kl_weight, perceptual_weight and calibrate_samples must be >= 0"),
     (["pretrain.autoencoder.perceptual_weight=1"], "needs pretrain.autoencoder.perceptual_weights"),
     (["pretrain.unet.prompt_dropout=2"], "pretrain.unet.prompt_dropout must be in [0, 1]"),
+    (["sample.sampler=euler"], "sample.sampler 'euler' is not one of ['ddim', 'dpmpp_2m', 'unipc']"),
+    (["sample.cfg_mask=-1"], "sample.cfg_mask must be >= 0 or null, got -1.0"),
     (["train.lrr=1"], "train.lrr"),  # a typo
     (["train.lr=fast"], "train.lr"),  # a wrong type
     (["no_equals_sign"], "is not of the form key=value"),

@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 
 from ldm.checkpoint import save_state_dict
-from ldm.sampler import ddim_sample
+from ldm.sampler import cfg_denoiser, ddim_sample
+from ldm.solvers import dpmpp_2m_sample
 
 import cv2
 import numpy as np
@@ -202,6 +203,60 @@ def test_cfg_scale_one_is_the_conditional_branch(env: dict[str, Path], model: Co
     np.testing.assert_array_equal(guided.image, _uint8(reference))
 
 
+def test_cfg_mask_none_keeps_the_old_outputs_and_cfg_mask_is_the_dual_formula(env: dict[str, Path],
+                                                                              model: ControlLDM) -> None:
+    item = make_items(collect_masks(env["masks"], default_prompt="A photo of a polyp."), 1, seed=5)[0]
+    hint, prompts = _hint(item), [item.source.prompt]
+    context, empty = model.encode_prompts(prompts), model.encode_prompts([""])
+
+    def generator() -> torch.Generator:
+        return torch.Generator().manual_seed(item.seed)
+
+    # The protocol before cfg_mask existed, written out: CFG on the text (same hint) + DDIM + decode.
+    old = cfg_denoiser(model.denoise, {"context": empty, "hint": hint}, 9.0)
+    z = ddim_sample(old, (1, 4, 8, 8), {"context": context, "hint": hint}, model.schedule, steps=3,
+                    generator=generator())
+    for kwargs in ({}, {"cfg_mask": None, "sampler": "ddim"}):
+        got = model.sample(hint, prompts, steps=3, cfg_scale=9.0, generator=generator(), **kwargs)
+        assert torch.equal(got, model.decode_latents(z))
+
+    def dual(x: torch.Tensor, t: torch.Tensor, c: object) -> torch.Tensor:  # Brooks et al. 2023, eq. 3
+        e_0 = model.eps(x, t, empty, torch.zeros_like(hint))
+        e_m, e_c = model.eps(x, t, empty, hint), model.eps(x, t, context, hint)
+        return e_0 + 2.0 * (e_m - e_0) + 9.0 * (e_c - e_m)
+
+    z = dpmpp_2m_sample(dual, (1, 4, 8, 8), None, model.schedule, steps=3, generator=generator())
+    got = model.sample(hint, prompts, steps=3, cfg_scale=9.0, generator=generator(), sampler="dpmpp_2m",
+                       cfg_mask=2.0)
+    torch.testing.assert_close(got, model.decode_latents(z), rtol=0, atol=1e-4)
+    plain = model.sample(hint, prompts, steps=3, cfg_scale=9.0, generator=generator(), sampler="dpmpp_2m")
+    assert (got - plain).abs().max() > 1e-2
+
+
+def test_cli_with_a_solver_and_mask_guidance(env: dict[str, Path], base_out: Path, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "out"
+    assert main(cli(env, out, "--batch-size", "3", "--sampler", "dpmpp_2m", "--cfg-mask", "2")) == 0
+    assert sorted(p.stem for p in (out / "images").glob("*.png")) == sorted(NAMES)
+    records = manifest_lines(out)
+    assert {(r["sampler"], r["cfg_mask"]) for r in records} == {("dpmpp_2m", 2.0)}
+    assert {(r["sampler"], r["cfg_mask"]) for r in manifest_lines(base_out)} == {("ddim", None)}
+    assert files(out) != files(base_out)
+    # Resuming with another sampler or mask guidance is refused like any other setting.
+    for extra, needle in ((["--sampler", "unipc", "--cfg-mask", "2"], "sampler='dpmpp_2m'"),
+                          (["--sampler", "dpmpp_2m", "--cfg-mask", "none"], "cfg_mask=2.0")):
+        caplog.clear()
+        assert main(cli(env, out, "--batch-size", "3", *extra)) == 1
+        (message,) = error_lines(caplog)
+        assert needle in message and "\n" not in message
+    assert run_cli(cli(env, out, "--batch-size", "3", "--sampler", "dpmpp_2m", "--cfg-mask", "2"))["generated"] == 0
+    # The config's sample.sampler / sample.cfg_mask are the defaults of the flags.
+    other = tmp_path / "from_config"
+    assert run_cli(cli(env, other, "--limit", "1", "--config", str(TINY), "sample.sampler=unipc",
+                       "sample.cfg_mask=1.5"))["generated"] == 1
+    assert {(r["sampler"], r["cfg_mask"]) for r in manifest_lines(other)} == {("unipc", 1.5)}
+
+
 # -- resume and shards ----------------------------------------------------------------------------------------------
 def test_resume_regenerates_exactly_the_incomplete_pairs(env: dict[str, Path], base_out: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -227,6 +282,19 @@ def test_resume_refuses_other_settings(env: dict[str, Path], base_out: Path, tmp
     assert main(cli(env, out)[:-1] + ["--no-progress", "--cfg", "7"]) == 1
     (message,) = error_lines(caplog)
     assert "cfg=9.0" in message and "cfg=7.0" in message and "\n" not in message
+
+
+def test_resume_accepts_a_manifest_from_before_the_solvers(env: dict[str, Path], base_out: Path,
+                                                          tmp_path: Path) -> None:
+    """Manifest lines written before ``sampler`` / ``cfg_mask`` existed were DDIM without mask guidance."""
+    out = tmp_path / "out"
+    shutil.copytree(base_out, out)
+    old = [json.loads(x) for x in (out / MANIFEST_NAME).read_text().splitlines()]
+    for record in old:
+        del record["sampler"], record["cfg_mask"]
+    (out / MANIFEST_NAME).write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert run_cli(cli(env, out, "--batch-size", "3"))["generated"] == 0
+    assert main(cli(env, out, "--batch-size", "3", "--sampler", "unipc")) == 1
 
 
 def test_shards_are_disjoint_and_cover_everything(env: dict[str, Path], base_out: Path, tmp_path: Path) -> None:
@@ -344,6 +412,11 @@ def _bad_inputs(env: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], i
                                1, "nope.safetensors"),
         "fp16 on cpu": (base + ["--masks", str(env["masks"]), "--device", "cpu", "--precision", "fp16"], 1, "fp16"),
         "bad shard": (base + ["--masks", str(env["masks"]), "--shard", "2/2"], 1, "--shard"),
+        "eta with a solver": (base + ["--masks", str(env["masks"]), "--sampler", "unipc", "--eta", "0.5"], 1,
+                              "--sampler unipc is deterministic: it needs --eta 0"),
+        "negative mask guidance": (base + ["--masks", str(env["masks"]), "--cfg-mask", "-1"], 1, "--cfg-mask >= 0"),
+        "too many solver steps": (base[:-3] + ["--steps", "1000", "--masks", str(env["masks"]), "--sampler",
+                                               "dpmpp_2m"], 1, "--steps must be in [1, 999] for --sampler dpmpp_2m"),
     }
 
 

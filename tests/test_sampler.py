@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ldm.sampler import cat_cond, cfg_denoiser, ddim_sample
+from ldm.sampler import cat_cond, cfg_denoiser, ddim_sample, dual_cfg_denoiser
 from ldm.schedule import Schedule
 
 import pytest
@@ -120,6 +120,33 @@ def test_cfg_batched_equals_unbatched_and_formula() -> None:
 def test_cfg_needs_uncond() -> None:
     with pytest.raises(ValueError, match="unconditional"):
         cfg_denoiser(toy_eps, None, 9.0)
+
+
+@pytest.mark.parametrize(("scale", "scale_all"), [(9.0, 2.0), (1.0, 1.0), (3.0, 0.0)])
+def test_dual_cfg_is_the_instructpix2pix_formula(scale: float, scale_all: float) -> None:
+    shapes: list[tuple[int, ...]] = []
+
+    def fn(x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        shapes.append(tuple(x.shape))
+        return toy_eps(x, t, cond)
+
+    cond, uncond, uncond_all = make_cond(0.5, 0.1), make_cond(-1.0, 0.0), make_cond(0.3, -0.2)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    t = torch.full((SHAPE[0],), 501)
+    batched = dual_cfg_denoiser(fn, uncond, uncond_all, scale, scale_all, batched=True)(x, t, cond)
+    assert shapes == [(3 * SHAPE[0], *SHAPE[1:])]
+    shapes.clear()
+    unbatched = dual_cfg_denoiser(fn, uncond, uncond_all, scale, scale_all, batched=False)(x, t, cond)
+    assert shapes == [SHAPE] * 3
+    # Brooks et al. 2023, eq. 3: e(∅, ∅) + s_I (e(c_I, ∅) − e(∅, ∅)) + s_T (e(c_I, c_T) − e(c_I, ∅)).
+    e_0, e_u, e_c = toy_eps(x, t, uncond_all), toy_eps(x, t, uncond), toy_eps(x, t, cond)
+    expected = e_0 + scale_all * (e_u - e_0) + scale * (e_c - e_u)
+    torch.testing.assert_close(batched, expected)
+    torch.testing.assert_close(unbatched, expected)
+    if scale_all == 1.0:  # s_m = 1 is plain CFG
+        torch.testing.assert_close(batched, cfg_denoiser(toy_eps, uncond, scale)(x, t, cond))
+    with pytest.raises(ValueError, match="fully unconditional"):
+        dual_cfg_denoiser(fn, uncond, None, scale, scale_all)
 
 
 def test_cat_cond_structures() -> None:

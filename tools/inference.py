@@ -6,10 +6,11 @@
     python tutorial_inference.py ... --shard 0/4 --device cuda:0     # process 0 of 4 (e.g. one per GPU)
 
 Mask-only sampling (the Mask-Diffusion branch): DDIM with classifier-free guidance on the text, the unconditional
-input being the empty prompt with the same mask. Writes OUT/images/NAME_kK.png, OUT/masks/NAME_kK.png (0/255) and
-OUT/manifest.jsonl; re-running the same command skips complete pairs (resume), and n processes with --shard i/n can
-share one OUT. The config comes from --config or, when omitted, from the checkpoint's metadata (merged checkpoints
-written by tool_merge_control.py carry it).
+input being the empty prompt with the same mask (--sampler dpmpp_2m / unipc: faster ODE solvers; --cfg-mask S:
+separate guidance of the mask, InstructPix2Pix-style, a third branch with an all-zero hint). Writes
+OUT/images/NAME_kK.png, OUT/masks/NAME_kK.png (0/255) and OUT/manifest.jsonl; re-running the same command skips
+complete pairs (resume), and n processes with --shard i/n can share one OUT. The config comes from --config or,
+when omitted, from the checkpoint's metadata (merged checkpoints written by tool_merge_control.py carry it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from ldm.checkpoint import CheckpointKeyError, read_metadata
+from ldm.solvers import SAMPLERS
 
 import torch
 from tqdm.auto import tqdm
@@ -93,10 +95,17 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     steps = args.steps if args.steps is not None else cfg.sample.steps
     cfg_scale = args.cfg if args.cfg is not None else cfg.sample.cfg_scale
     eta = args.eta if args.eta is not None else cfg.sample.eta
-    if not 1 <= steps <= cfg.model.schedule.timesteps:
-        raise ValueError(f"--steps must be in [1, {cfg.model.schedule.timesteps}], got {steps}")
+    sampler = args.sampler if args.sampler is not None else cfg.sample.sampler
+    cfg_mask = cfg.sample.cfg_mask if args.cfg_mask is None else None if args.cfg_mask == "none" else args.cfg_mask
+    max_steps = cfg.model.schedule.timesteps - (sampler != "ddim")  # the solvers end on t = 0 after their grid
+    if not 1 <= steps <= max_steps:
+        raise ValueError(f"--steps must be in [1, {max_steps}] for --sampler {sampler}, got {steps}")
     if eta < 0 or cfg_scale < 0 or args.batch_size < 1:
         raise ValueError(f"need --eta >= 0, --cfg >= 0, --batch-size >= 1 (got {eta}, {cfg_scale}, {args.batch_size})")
+    if sampler != "ddim" and eta != 0:
+        raise ValueError(f"--sampler {sampler} is deterministic: it needs --eta 0 (got {eta}); eta > 0 needs ddim")
+    if cfg_mask is not None and cfg_mask < 0:
+        raise ValueError(f"need --cfg-mask >= 0 (or none), got {cfg_mask}")
     device = torch.device(args.device) if args.device else default_device()
     autocast_context(device, args.precision)  # refuse an unsupported precision before any work
     augment = MaskAugment(flip_p=args.flip_p, vflip_p=args.vflip_p, scale_range=tuple(args.scale_range),
@@ -106,7 +115,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     every = make_items(sources, args.n_per_mask, args.seed, args.limit)
     shard = parse_shard(args.shard) if args.shard else (0, 1)
     items = shard_items(every, *shard, batch_size=args.batch_size)
-    run_info = {"base_seed": args.seed, "steps": steps, "cfg": float(cfg_scale), "eta": float(eta),
+    run_info = {"base_seed": args.seed, "steps": steps, "cfg": float(cfg_scale), "eta": float(eta), "sampler": sampler,
+                "cfg_mask": None if cfg_mask is None else float(cfg_mask),
                 "mask_mode": args.mask_mode, "augment": vars(augment) if args.mask_mode == "random" else None,
                 "precision": args.precision, "ckpt_sha256": "", "config_hash": config_hash(cfg)}
     writer = PairWriter(args.out, run_info, keep_size=args.keep_size,
@@ -138,7 +148,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         start = time.perf_counter()  # sampling only: model building and loading are not part of the rate
         pairs = sample_pairs(model, rerun, hint_size=cfg.hint_size, steps=steps, cfg_scale=cfg_scale, eta=eta,
                              batch_size=args.batch_size, mask_mode=args.mask_mode, augment=augment,
-                             precision=args.precision, batched_cfg=not args.separate_cfg)
+                             precision=args.precision, batched_cfg=not args.separate_cfg, sampler=sampler,
+                             cfg_mask=cfg_mask)
         for pair in tqdm(pairs, total=len(rerun), unit="pair", desc="sampling", disable=args.no_progress or None):
             if pair.item.name in todo_names:
                 writer.write(pair)
@@ -153,6 +164,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         logger.info("%d complete pairs were recomputed (not rewritten) to keep batches as in an uninterrupted run",
                     len(rerun) - len(todo))
     return {"generated": len(todo), "skipped": len(items) - len(todo), "seconds": seconds}
+
+
+def _scale_or_none(text: str) -> float | str:
+    """--cfg-mask: a number, or "none" (text guidance only, overriding a config's sample.cfg_mask)."""
+    return "none" if text.lower() == "none" else float(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,10 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--grid", type=int, nargs="?", const=8, default=0, metavar="N",
                     help="write OUT/grid.png with the first N pairs, mask | image (default N: 8)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--steps", type=int, help="DDIM steps (default: the config's sample.steps; 50 at SD1.5)")
+    s.add_argument("--steps", type=int, help="sampler steps = network evaluations (default: the config's "
+                                               "sample.steps; 50 at SD1.5)")
+    s.add_argument("--sampler", choices=SAMPLERS, help="ddim (the paper's), or the ODE solvers dpmpp_2m (DPM-Solver++"
+                                                       "(2M)) / unipc (UniPC), ≈ 20 steps (default: sample.sampler)")
     s.add_argument("--cfg", type=float, help="guidance scale, uncond = empty prompt + same mask (default: "
                                              "sample.cfg_scale, 9); 1 = conditional branch only")
-    s.add_argument("--eta", type=float, help="DDIM eta (default: sample.eta, 0)")
+    s.add_argument("--cfg-mask", type=_scale_or_none, metavar="S",
+                   help="separate guidance scale of the mask: a third branch with empty prompt and all-zero hint "
+                        "(default: sample.cfg_mask, none = text guidance only)")
+    s.add_argument("--eta", type=float, help="DDIM eta (default: sample.eta, 0; the solvers need 0)")
     s.add_argument("--n-per-mask", type=int, default=1, metavar="N", help="pairs per mask, k = 0..N-1 (default 1)")
     s.add_argument("--seed", type=int, default=0, help="base seed; pair k of mask NAME uses sha256(seed, NAME, k)")
     s.add_argument("--limit", type=int, help="at most this many pairs (k = 0 for every mask first, then k = 1, …)")

@@ -147,7 +147,8 @@ def validation_callback(cfg: ExperimentConfig) -> MaskValidation:
         return {"val/mask_dice": float(np.mean([dice(p, m) for p, m in zip(segment(images), fitted)]))}
 
     return MaskValidation(t.val_every, Path(t.output_dir) / "images", hint.repeat(1, 3, 1, 1), prompts,
-                          cfg.sample.steps, cfg.sample.cfg_scale, t.seed, score if segment else None)
+                          cfg.sample.steps, cfg.sample.cfg_scale, t.seed, score if segment else None,
+                          sampler=cfg.sample.sampler, cfg_mask=cfg.sample.cfg_mask)
 
 
 def make_trainer(cfg: ExperimentConfig, *, load_universal: bool = False) -> pl.Trainer:
@@ -216,7 +217,7 @@ def train(cfg: ExperimentConfig, *, resume: str | Path | None = None, force: boo
     if cfg.train.image_log_every > 0:
         trainer.callbacks.append(ImageLogger(cfg.train.image_log_every, Path(cfg.train.output_dir) / "images",
                                              _fixed_samples(dataset, 4), cfg.sample.steps, cfg.sample.cfg_scale,
-                                             cfg.train.seed))
+                                             cfg.train.seed, sampler=cfg.sample.sampler))
     step = _STEP_RE.search(ckpt.name) if ckpt else None
 
     def record() -> None:  # after a resumed checkpoint restored: a failed resume leaves the run as it was
