@@ -22,6 +22,8 @@ import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 from torch import Tensor
 
+from cldm.lora import plain_name
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,7 +55,7 @@ class EMACallback(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.shadow:
-            save_state_dict({n: v.cpu() for n, v in self.shadow.items()}, self.export_path,
+            save_state_dict({plain_name(n): v.cpu() for n, v in self.shadow.items()}, self.export_path,
                             metadata={"content": "ema of trainable parameters", "decay": str(self.decay)},
                             overwrite=True)
             logger.info("EMA weights written to %s", self.export_path)

@@ -12,13 +12,14 @@ functions of that step and the configured total; this module also saves and rest
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from cldm.lora import LoraSettings
 from cldm.model import ControlLDM
 
 
@@ -30,6 +31,7 @@ class TrainSettings:
     sd_locked: bool = True
     prompt_dropout: float = 0.05
     total_steps: int = 3000
+    lora: LoraSettings = field(default_factory=LoraSettings)  # enabled: the decoder trains through LoRA adapters
 
 
 @dataclass
@@ -99,7 +101,7 @@ class ControlNetModule(TrainModule):
         super().__init__(settings.lr)
         self.net = net
         self.settings = settings
-        self.trainable_names = net.configure_trainable(settings.sd_locked)
+        self.trainable_names = net.configure_trainable(settings.sd_locked, settings.lora)
 
     # -- one step ---------------------------------------------------------------------------------------------------
     def prepare_batch(self, batch: dict) -> dict[str, Tensor]:

@@ -25,6 +25,8 @@ from torch import Tensor
 
 from cldm.controlnet import ControlNet
 from cldm.hint import HINT_DOWNSAMPLE
+from cldm.lora import LoraSettings
+from cldm.lora import configure_trainable as configure_lora_trainable
 
 __all__ = ["SD15_TEXT_PREFIX", "ControlLDM"]
 
@@ -42,13 +44,18 @@ class ControlLDM(LatentDiffusion):
     def control(self) -> ControlNet:
         return self.control_model
 
-    def configure_trainable(self, sd_locked: bool) -> list[str]:
+    def configure_trainable(self, sd_locked: bool, lora: LoraSettings | None = None) -> list[str]:
         """Set ``requires_grad`` for the trainable set and return its parameter names.
 
         ``sd_locked=True``: ControlNet only. ``sd_locked=False`` (the Siamese recipe): ControlNet + UNet decoder
         (``output_blocks``, ``out``). The UNet time embedding, input blocks and middle block are never trained.
+        With ``lora`` enabled (adapters added by ``cldm.lora.add_lora``), the decoder trains through its adapters
+        only (``cldm.lora.configure_trainable``).
         """
         self.requires_grad_(False)
+        if lora is not None and lora.enabled:
+            configure_lora_trainable(self.unet, self.control_model, lora)
+            return [n for n, p in self.named_parameters() if p.requires_grad]
         self.control_model.requires_grad_(True)
         if not sd_locked:
             for p in self.unet.decoder_parameters().values():

@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cldm.controlnet import ControlConfig
 from cldm.hint import HINT_DOWNSAMPLE
+from cldm.lora import LoraSettings
 from siamese.losses import LossWeights
 from siamese.schedules import SiameseRecipe
 
@@ -88,6 +89,8 @@ class MethodConfig:
     aug_t_max: int = 200
     aug_noise: str = "same"
     prompt_dropout: float = 0.05
+    # LoRA adapters (peft) instead of full decoder fine-tuning; needs sd_locked: false (cldm/lora.py).
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def recipe(self, total_steps: int) -> SiameseRecipe:
         return SiameseRecipe(total_steps=total_steps, mask_control_weight=self.mask_control_weight,
@@ -273,6 +276,13 @@ def check(cfg: ExperimentConfig, where: str = "config") -> None:
     w = cfg.method.weights
     if cfg.method.name == "controlnet" and (w.image or w.consistency or w.aug):
         fail("method.name=controlnet trains the mask branch only: set method.weights.image/consistency/aug to 0")
+    lora = cfg.method.lora
+    if lora.enabled:
+        for problem in lora.problems():
+            fail(problem)
+        if cfg.method.sd_locked:
+            fail("method.lora.enabled adapts the UNet decoder: set method.sd_locked: false (LoRA replaces its full "
+                 "decoder fine-tuning)")
     if not 0.0 <= cfg.method.prompt_dropout <= 1.0:
         fail(f"method.prompt_dropout must be in [0, 1], got {cfg.method.prompt_dropout}")
     if cfg.train.precision not in ("32", "bf16-mixed", "16-mixed", "bf16-true"):

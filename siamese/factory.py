@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cldm.controlnet import ControlNet
+from cldm.lora import add_lora
 from cldm.model import ControlLDM
 from siamese.config import ExperimentConfig, FirstStageConfig, ModelConfig
 from siamese.data import ImageDataset, MaskImageDataset, SyntheticLesionDataset
@@ -101,3 +102,16 @@ def meta_model(cfg: ModelConfig) -> ControlLDM:
     """The model on the meta device: keys and shapes at any geometry without allocating weights."""
     with torch.device("meta"):
         return build_model(cfg)
+
+
+def add_adapters(cfg: ExperimentConfig, model: ControlLDM) -> ControlLDM:
+    """The training-time adapters of the experiment (``method.lora``) added to ``model`` in place."""
+    if cfg.method.lora.enabled:
+        add_lora(model.unet, model.control, cfg.method.lora)
+    return model
+
+
+def meta_training_model(cfg: ExperimentConfig) -> ControlLDM:
+    """``meta_model`` with the experiment's training adapters: the keys a training checkpoint holds."""
+    with torch.device("meta"):
+        return add_adapters(cfg, build_model(cfg.model))

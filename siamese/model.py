@@ -5,10 +5,11 @@ obtain the stopped control ``sg(c_m)`` and the stopped UNet ``U_sg``. This modul
 same gradients without copies (``tests/test_siamese_parity.py`` proves it against a deep-copy reference):
 
 * ``sg(c_m)`` is the mask branch's own control, detached (same inputs, no dropout at these settings);
-* ``U_sg`` is a shadow UNet built on the meta device (no memory) whose decoder parameter slots are filled, before
-  every call, with the live parameters detached (same storage, no copy): the L_mix gradient reaches ``c_i`` (hence
-  the ControlNet) but never the UNet. Unlike ``torch.func.functional_call``, the shadow keeps those detached weights
-  until the next call, so gradient-checkpoint recomputation during backward sees exactly the forward's weights;
+* ``U_sg`` is a shadow UNet cloned on the meta device (no memory; LoRA adapters included) whose decoder parameter
+  slots are filled, before every call, with the live parameters detached (same storage, no copy): the L_mix
+  gradient reaches ``c_i`` (hence the ControlNet) but never the UNet (nor its LoRA adapters). Unlike
+  ``torch.func.functional_call``, the shadow keeps those detached weights until the next call, so
+  gradient-checkpoint recomputation during backward sees exactly the forward's weights;
 * the UNet encoder runs without autograd in both branches on the same (z_t, t, τ), so it is computed once;
 * the ControlNet runs once on the stacked [mask hint; image hint] batch (2B) — per-sample identical;
 * L_aug is evaluated only on the samples its gate keeps (t ≤ 200): the others contribute exactly 0.
@@ -19,6 +20,7 @@ Only the decoder parameters are passed detached; under ZeRO-2 parameters are who
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,12 +35,22 @@ from siamese.losses import LossWeights, siamese_terms, total_loss
 from siamese.schedules import SiameseRecipe
 
 
+def meta_clone(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s structure (adapters such as LoRA layers included) whose parameters and buffers are on
+    the meta device: ``deepcopy`` with every tensor pre-mapped in the memo, so no weight is copied."""
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
 class StoppedUNet:
     """``U_sg``: the UNet decoder with stopped weights, sharing storage with the live UNet."""
 
     def __init__(self, unet: UNetModel):
-        with torch.device("meta"):
-            self.shadow = UNetModel(unet.config)
+        self.shadow = meta_clone(unet)
         self.shadow.requires_grad_(False)
         self.slots = []
         for name in unet.decoder_parameters():

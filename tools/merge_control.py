@@ -11,7 +11,9 @@ a file written by ``--only-trainable``. Every trained key must exist in the base
 file is checked to load strictly into the model of the config (``--config``, else the one the trained or base file
 carries in its metadata) and carries that config in its metadata, so tutorial_inference.py needs no --config.
 ``--only-trainable`` writes just the trainable set (ControlNet with its hint encoder, plus the UNet decoder unless
-``method.sd_locked``) for sharing; merge it onto SD1.5 + control again with this tool.
+``method.sd_locked``) for sharing; merge it onto SD1.5 + control again with this tool. LoRA adapters of a
+``method.lora`` run (``X.lora_A.weight`` / ``X.lora_B.weight``) are folded into ``X.weight`` (``W₀ + (α/r)·B·A``):
+the output is a plain checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from ldm.checkpoint import load_state_dict, read_metadata, save_state_dict
 
 from cldm.convert import check_against_model, expected_state, merge_weights, select
+from cldm.lora import fold_lora, has_lora
 from siamese.config import ConfigError, ExperimentConfig, checkpoint_metadata, config_from_metadata, load_config
 from siamese.factory import meta_model
 from tools._cli import add_common_flags, check_output, list_keys, make_parser, run
@@ -48,6 +51,18 @@ def trainable_names(cfg: ExperimentConfig) -> list[str]:
     return meta_model(cfg.model).configure_trainable(cfg.method.sd_locked)
 
 
+def fold_adapters(trained: dict, base: dict, cfg: ExperimentConfig, cfg_source: str, where: str) -> dict:
+    """LoRA adapters of a ``method.lora`` run folded into their weights, ``W = W₀ + (α/r)·B·A`` (cldm/lora.py)."""
+    lora = cfg.method.lora
+    if not lora.enabled:
+        raise ConfigError(f"{where} holds LoRA adapters but the config from {cfg_source} has method.lora disabled; "
+                          "pass the run's config.yaml with --config")
+    folded = fold_lora(trained, base, lora.scaling)
+    count = sum(1 for k in trained if k.endswith(".lora_A.weight"))
+    logger.info("folded %d LoRA adapters (rank %d, α/r = %g) into their weights", count, lora.rank, lora.scaling)
+    return folded
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = make_parser("tool_merge_control.py", __doc__)
     p.add_argument("--base", type=Path, required=True, help="full checkpoint to overlay onto")
@@ -67,6 +82,8 @@ def _body(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     trained = load_state_dict(args.trained, unsafe_pickle=args.unsafe_pickle)
     base = load_state_dict(args.base, unsafe_pickle=args.unsafe_pickle)
+    if has_lora(trained):
+        trained = fold_adapters(trained, base, cfg, cfg_source, str(args.trained))
     merged, report = merge_weights(base, trained, base_name=str(args.base), trained_name=str(args.trained))
     del base
     check_against_model(merged, expected_state(meta_model(cfg.model)), f"merged {args.base} + {args.trained}")

@@ -38,7 +38,7 @@ from cldm.lightning import ControlNetModule, TrainModule, TrainSettings
 from cldm.strategy import AtomicCheckpointIO, make_strategy
 from siamese.config import ConfigError, ExperimentConfig, check_same_latents, load_config, save_config, to_yaml
 from siamese.data import MaskImageDataset
-from siamese.factory import build_dataset, build_model, load_weights
+from siamese.factory import add_adapters, build_dataset, build_model, load_weights
 from siamese.lightning import SiameseModule
 from siamese.run_dir import (
     UNIVERSAL_DIR,
@@ -64,10 +64,12 @@ def build_module(cfg: ExperimentConfig, *, unsafe_pickle: bool = False) -> Contr
         load_weights(net, cfg.train.init_ckpt, unsafe_pickle=unsafe_pickle)
     else:
         logger.warning("train.init_ckpt is null: training from random weights (fine for the tiny demo only)")
+    add_adapters(cfg, net)  # LoRA after the base weights: B = 0, so training starts from exactly that model
     net.unet.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     net.control.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     settings = TrainSettings(lr=cfg.train.lr, sd_locked=cfg.method.sd_locked,
-                             prompt_dropout=cfg.method.prompt_dropout, total_steps=cfg.train.total_steps)
+                             prompt_dropout=cfg.method.prompt_dropout, total_steps=cfg.train.total_steps,
+                             lora=cfg.method.lora)
     if cfg.method.name == "controlnet":
         return ControlNetModule(net, settings)
     return SiameseModule(net, settings, cfg.method.weights, cfg.method.recipe(cfg.train.total_steps))

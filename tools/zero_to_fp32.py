@@ -7,7 +7,8 @@ CKPT is a ZeRO checkpoint directory as training writes it (``…/step=N.ckpt/`` 
 a run's ``checkpoints/`` folder or run directory (the newest ``step=N.ckpt`` is taken), or a single-file Lightning
 checkpoint (strategy ddp/auto). The output holds every parameter and buffer, trainable and frozen, in float32,
 under the original key names (``model.diffusion_model.*``, ``control_model.*``, ...), ready for
-``tool_merge_control.py`` or loading directly. The run's ``config.yaml`` (or ``--config``) is used to check the
+``tool_merge_control.py`` or loading directly; the LoRA adapters of a ``method.lora`` run come out as
+``X.lora_A.weight`` / ``X.lora_B.weight`` beside ``X.weight`` (the merge folds them in). The run's ``config.yaml`` (or ``--config``) is used to check the
 keys strictly and is stored in the output's metadata. The ZeRO files are pickles: each is vetted for foreign
 Python objects before DeepSpeed's reader opens it.
 """
@@ -29,8 +30,9 @@ from cldm.checkpoints import (
     zero_pickle_globals,
 )
 from cldm.convert import check_against_model, expected_state, to_float32, training_to_model_keys
+from cldm.lora import plain_names
 from siamese.config import ExperimentConfig, checkpoint_metadata, load_config
-from siamese.factory import meta_model
+from siamese.factory import meta_training_model
 from tools._cli import add_common_flags, check_output, make_parser, run
 
 logger = logging.getLogger("siamese.zero_to_fp32")
@@ -77,9 +79,9 @@ def convert(ckpt: Path, cfg: ExperimentConfig | None, *, unsafe_pickle: bool = F
     """The fp32 state dict under the model's names (checked strictly against ``cfg`` when given) and the cast
     count."""
     state = training_to_model_keys(read_training_checkpoint(ckpt, unsafe_pickle=unsafe_pickle), where=str(ckpt))
-    state, cast = to_float32(state)
+    state, cast = to_float32(plain_names(state))  # LoRA layers: original names + X.lora_A/B.weight
     if cfg is not None:
-        check_against_model(state, expected_state(meta_model(cfg.model)), str(ckpt))
+        check_against_model(state, plain_names(expected_state(meta_training_model(cfg))), str(ckpt))
     return state, cast
 
 
