@@ -41,6 +41,19 @@ class StepLoss:
     extras: dict[str, float]  # scalars worth logging (ramp value, gate shares, ...)
 
 
+def make_adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+    """AdamW with torch's defaults (the released recipe), in its fused single-kernel form where torch has one for the
+    parameters' device and dtype: the same update (Loshchilov & Hutter 2019, Alg. 2) in one pass over each tensor
+    instead of about ten; on CPU 5-10x faster than the per-parameter loop (``bench/vs_original.py``)."""
+    fused = bool(params) and all(p.is_floating_point() for p in params) and len({p.device for p in params}) == 1
+    if fused:
+        try:
+            return torch.optim.AdamW(params, lr=lr, fused=True)
+        except (RuntimeError, ValueError):  # a device without a fused kernel: the default loop
+            pass
+    return torch.optim.AdamW(params, lr=lr)
+
+
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
@@ -73,7 +86,7 @@ class TrainModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr)
+        return make_adamw(params, self.lr)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_state"] = _rng_state()

@@ -8,9 +8,9 @@ a run's ``checkpoints/`` folder or run directory (the newest ``step=N.ckpt`` is 
 checkpoint (strategy ddp/auto). The output holds every parameter and buffer, trainable and frozen, in float32,
 under the original key names (``model.diffusion_model.*``, ``control_model.*``, ...), ready for
 ``tool_merge_control.py`` or loading directly; the LoRA adapters of a ``method.lora`` run come out as
-``X.lora_A.weight`` / ``X.lora_B.weight`` beside ``X.weight`` (the merge folds them in). The run's ``config.yaml`` (or ``--config``) is used to check the
-keys strictly and is stored in the output's metadata. The ZeRO files are pickles: each is vetted for foreign
-Python objects before DeepSpeed's reader opens it.
+``X.lora_A.weight`` / ``X.lora_B.weight`` beside ``X.weight`` (the merge folds them in). The run's
+``config.yaml`` (or ``--config``) is used to check the keys strictly and is stored in the output's metadata. The
+ZeRO files are pickles: each is vetted for foreign Python objects before DeepSpeed's reader opens it.
 """
 
 from __future__ import annotations
