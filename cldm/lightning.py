@@ -115,6 +115,9 @@ class ControlNetModule(TrainModule):
         self.net = net
         self.settings = settings
         self.trainable_names = net.configure_trainable(settings.sd_locked, settings.lora)
+        # LoRA checkpoints hold only the trained parameters (make_strategy's exclude_frozen); the frozen base is
+        # already loaded from train.init_ckpt when a run resumes, so the checkpoint is loaded non-strictly.
+        self.strict_loading = not settings.lora.enabled
 
     # -- one step ---------------------------------------------------------------------------------------------------
     def prepare_batch(self, batch: dict) -> dict[str, Tensor]:

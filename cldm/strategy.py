@@ -207,12 +207,15 @@ def _resolve_accelerator(accelerator: str) -> str:
     raise ValueError(f"accelerator={accelerator!r} is not supported; expected one of 'cpu', 'gpu', 'cuda', 'auto'.")
 
 
-def make_strategy(name: str, accelerator: str, *, load_universal: bool = False) -> str | Strategy:
+def make_strategy(name: str, accelerator: str, *, load_universal: bool = False,
+                  exclude_frozen: bool = False) -> str | Strategy:
     """Build the value for ``Trainer(strategy=...)`` from a strategy name and the Trainer's accelerator.
 
     ``"auto"`` and ``"ddp"`` pass through as Lightning's registered names. ``"deepspeed_stage_2"`` gives
     :class:`CPUDeepSpeedStrategy` (gloo) on CPU and :class:`ZeRO2Strategy` (Lightning's ``DeepSpeedStrategy(stage=2)``,
-    NCCL, default bucket sizes, crash-safe saves) on GPU; ``load_universal`` resumes from a universal checkpoint.
+    NCCL, default bucket sizes, crash-safe saves) on GPU; ``load_universal`` resumes from a universal checkpoint;
+    ``exclude_frozen`` leaves frozen parameters out of the checkpoints (they come from ``train.init_ckpt`` again on
+    resume: the LightningModule must then load non-strictly).
     ``"deepspeed_stage_2_offload"`` (optimizer state in host memory) is GPU-only: on CPU everything already lives in
     host memory and DeepSpeed's CPU-Adam would need a C++ JIT build.
     """
@@ -223,11 +226,13 @@ def make_strategy(name: str, accelerator: str, *, load_universal: bool = False) 
     device = _resolve_accelerator(accelerator)
     if name == "deepspeed_stage_2":
         if device == "cpu":
-            return CPUDeepSpeedStrategy(stage=2, process_group_backend="gloo", load_universal=load_universal)
-        return ZeRO2Strategy(stage=2, load_universal=load_universal)
+            return CPUDeepSpeedStrategy(stage=2, process_group_backend="gloo", load_universal=load_universal,
+                                        exclude_frozen_parameters=exclude_frozen)
+        return ZeRO2Strategy(stage=2, load_universal=load_universal, exclude_frozen_parameters=exclude_frozen)
     if device == "cpu":
         raise ValueError(
             f"strategy {name!r} offloads optimizer state to the CPU and is only meaningful on GPU; "
             f"use 'deepspeed_stage_2' with accelerator={accelerator!r}."
         )
-    return ZeRO2Strategy(stage=2, offload_optimizer=True, load_universal=load_universal)
+    return ZeRO2Strategy(stage=2, offload_optimizer=True, load_universal=load_universal,
+                         exclude_frozen_parameters=exclude_frozen)

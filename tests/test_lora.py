@@ -4,6 +4,7 @@ adapters on, folding into plain weights, and a real ZeRO-2 run → zero_to_fp32 
 from __future__ import annotations
 
 import logging
+import shutil
 
 from ldm.checkpoint import load_state_dict, read_metadata, save_state_dict
 
@@ -141,10 +142,10 @@ def test_lora_training_under_zero2_merges_into_a_plain_checkpoint(init_ckpt, tmp
     init_ckpt = tmp_path / "init.safetensors"
     save_state_dict(base, init_ckpt, metadata=metadata)
     out = tmp_path / "run"
-    cfg = load_config(TINY, _overrides(out, steps=2, **{"train.init_ckpt": init_ckpt, "method.lora.enabled": "true",
-                                                        "method.lora.rank": 4, "method.lora.alpha": 4.0,
-                                                        "train.lr": 0.05}))
-    train_tool.train(cfg)
+    lora = {"train.init_ckpt": init_ckpt, "method.lora.enabled": "true", "method.lora.rank": 4,
+            "method.lora.alpha": 4.0, "train.lr": 0.05}
+    cfg = load_config(TINY, _overrides(out, steps=4, **lora))
+    uninterrupted = train_tool.train(cfg).lightning_module.net.state_dict()
     caplog.set_level(logging.INFO)
     assert zero_tool.main([str(out), str(tmp_path / "t.safetensors")]) == 0
     trained = load_state_dict(tmp_path / "t.safetensors")
@@ -152,6 +153,21 @@ def test_lora_training_under_zero2_merges_into_a_plain_checkpoint(init_ckpt, tmp
     assert lora_keys and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in lora_keys)
     assert not any(".base_layer." in k or ".default." in k for k in trained)
     assert any(trained[k].any() for k in lora_keys if k.endswith(".lora_B.weight"))  # B moved away from zero
+    # The checkpoint holds only what is trained: no frozen weight (UNet encoder, decoder base, VAE, text encoder).
+    names = set(meta_model(cfg.model).configure_trainable(cfg.method.sd_locked))
+    assert not any(k.startswith(("first_stage_model.", "cond_stage_model.")) for k in trained)
+    assert "model.diffusion_model.input_blocks.0.0.weight" not in trained
+    assert {k for k in trained if k.startswith("model.diffusion_model.")} <= set(lora_keys)
+    assert {k for k in names if k.startswith("control_model.")} <= set(trained)
+
+    # Resume (the frozen base comes from train.init_ckpt again): bit for bit the uninterrupted run.
+    run = tmp_path / "resumed"
+    shutil.copytree(out, run)
+    shutil.rmtree(run / "checkpoints" / "step=4.ckpt")
+    resumed = train_tool.train(load_config(TINY, _overrides(run, steps=4, **lora)), resume="latest")
+    assert resumed.global_step == 4
+    for key, value in resumed.lightning_module.net.state_dict().items():
+        assert torch.equal(value, uninterrupted[key]), key
 
     assert merge_tool.main(["--base", str(init_ckpt), "--trained", str(tmp_path / "t.safetensors"),
                             "--out", str(tmp_path / "m.safetensors")]) == 0

@@ -157,7 +157,9 @@ def make_trainer(cfg: ExperimentConfig, *, load_universal: bool = False) -> pl.T
     t = cfg.train
     accelerator = t.accelerator if t.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     devices = t.devices if t.devices != -1 else (1 if accelerator == "cpu" else "auto")
-    strategy = make_strategy(t.strategy, accelerator, load_universal=load_universal)
+    # LoRA runs checkpoint only what they train: the frozen base comes from train.init_ckpt on resume.
+    strategy = make_strategy(t.strategy, accelerator, load_universal=load_universal,
+                             exclude_frozen=cfg.method.lora.enabled)
     # DeepSpeed writes its own shard directories (made crash-safe by the strategy); single files go through an
     # atomic writer.
     plugins = [] if t.strategy.startswith("deepspeed") else [AtomicCheckpointIO()]

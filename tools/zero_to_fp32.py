@@ -20,7 +20,7 @@ import logging
 import time
 from pathlib import Path
 
-from ldm.checkpoint import load_state_dict, save_state_dict
+from ldm.checkpoint import compare_keys, load_state_dict, save_state_dict
 
 from cldm.checkpoints import (
     MARKER,
@@ -29,8 +29,15 @@ from cldm.checkpoints import (
     zero_checkpoint_to_state_dict,
     zero_pickle_globals,
 )
-from cldm.convert import check_against_model, expected_state, to_float32, training_to_model_keys
-from cldm.lora import plain_names
+from cldm.convert import (
+    IGNORED_PREFIXES,
+    OPTIONAL_SUFFIXES,
+    check_against_model,
+    expected_state,
+    to_float32,
+    training_to_model_keys,
+)
+from cldm.lora import plain_name, plain_names
 from siamese.config import ExperimentConfig, checkpoint_metadata, load_config
 from siamese.factory import meta_training_model
 from tools._cli import add_common_flags, check_output, make_parser, run
@@ -80,8 +87,18 @@ def convert(ckpt: Path, cfg: ExperimentConfig | None, *, unsafe_pickle: bool = F
     count."""
     state = training_to_model_keys(read_training_checkpoint(ckpt, unsafe_pickle=unsafe_pickle), where=str(ckpt))
     state, cast = to_float32(plain_names(state))  # LoRA layers: original names + X.lora_A/B.weight
-    if cfg is not None:
-        check_against_model(state, plain_names(expected_state(meta_training_model(cfg))), str(ckpt))
+    if cfg is None:
+        return state, cast
+    model = meta_training_model(cfg)
+    expected = plain_names(expected_state(model))
+    if not cfg.method.lora.enabled:
+        check_against_model(state, expected, str(ckpt))
+        return state, cast
+    # A LoRA run's checkpoints hold only the trained parameters (and buffers): all of those, nothing foreign.
+    trained = [plain_name(n) for n in model.configure_trainable(cfg.method.sd_locked, cfg.method.lora)]
+    report = compare_keys({k: v for k, v in expected.items() if k in state or k in set(trained)}, state,
+                          ignore_prefixes=IGNORED_PREFIXES, ignore_suffixes=OPTIONAL_SUFFIXES)
+    report.raise_if_bad(f"{ckpt} does not hold the trained parameters of this config's method.lora run")
     return state, cast
 
 
