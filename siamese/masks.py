@@ -163,6 +163,32 @@ def resize_mask(mask01: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask01, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
+EROSION_KERNELS = {"ellipse": cv2.MORPH_ELLIPSE, "rect": cv2.MORPH_RECT, "cross": cv2.MORPH_CROSS}
+
+
+def erode_mask(mask01: np.ndarray, pixels: int, kernel: str = "ellipse") -> np.ndarray:
+    """MedDiff-FT's mask "corrosion" (Xie et al. 2025): erode a {0, 1} mask by ``pixels`` with a
+    (2·pixels + 1)² structuring element of shape ``kernel`` (ellipse, rect or cross), so the saved mask lies inside
+    the generated lesion's often soft boundary. ``pixels = 0`` returns a copy. A mask that erosion would empty
+    (a lesion thinner than 2·pixels + 1) is returned unchanged: an empty label on a lesion image is worse than a
+    slightly loose one; ``mask_erodes`` tells the two apart."""
+    mask01 = _check_binary(mask01, "mask01")
+    if pixels < 0:
+        raise ValueError(f"erosion must be >= 0 pixels, got {pixels}")
+    if kernel not in EROSION_KERNELS:
+        raise ValueError(f"erosion kernel {kernel!r} is not one of {sorted(EROSION_KERNELS)}")
+    if pixels == 0:
+        return mask01.copy()
+    element = cv2.getStructuringElement(EROSION_KERNELS[kernel], (2 * pixels + 1, 2 * pixels + 1))
+    eroded = cv2.erode(mask01, element, borderType=cv2.BORDER_REPLICATE)
+    return eroded if eroded.any() or not mask01.any() else mask01.copy()
+
+
+def mask_erodes(mask01: np.ndarray, pixels: int, kernel: str = "ellipse") -> bool:
+    """Whether ``erode_mask`` changes anything other than by keeping a mask it would empty."""
+    return pixels > 0 and bool(mask01.any()) and not np.array_equal(erode_mask(mask01, pixels, kernel), mask01)
+
+
 def _decode_mask(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"mask file not found: {path}")

@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from siamese.masks import mask_to_png, resize_mask
+from siamese.masks import erode_mask, mask_erodes, mask_to_png, resize_mask
 from siamese.sampling import SampledPair, WorkItem
 
 try:  # POSIX; elsewhere lines are still appended with one write each, without the advisory lock
@@ -99,7 +99,7 @@ def _same(a: Any, b: Any) -> bool:
 
 # Settings added to the run info after manifests were first written: a manifest line without one was made with
 # its value here (DDIM before the solvers existed), so resuming such an OUT with the defaults is not refused.
-RUN_INFO_DEFAULTS = {"sampler": "ddim", "cfg_mask": None}
+RUN_INFO_DEFAULTS = {"sampler": "ddim", "cfg_mask": None, "erode": 0, "erode_kernel": "ellipse"}
 
 
 class PairWriter:
@@ -110,6 +110,9 @@ class PairWriter:
     def __init__(self, out_dir: str | Path, run_info: Mapping[str, Any], *, keep_size: bool = False,
                  info: Mapping[str, Any] | None = None) -> None:
         self.out = Path(out_dir)
+        # Mask erosion (MedDiff-FT's "corrosion", siamese.masks.erode_mask) of the saved masks, in saved pixels.
+        self.erode, self.erode_kernel = int(run_info.get("erode", 0)), str(run_info.get("erode_kernel", "ellipse"))
+        erode_mask(np.zeros((1, 1), np.uint8), self.erode, self.erode_kernel)  # refuse bad settings up front
         # Through JSON once, so values compare equal to what a manifest line reads back (tuples become lists).
         self.run_info = json.loads(json.dumps({**run_info, "keep_size": bool(keep_size)}))
         self.info = dict(info or {})  # written into each line but not compared on resume (e.g. the batch size)
@@ -157,9 +160,12 @@ class PairWriter:
             height, width = pair.source_mask01.shape
             image = _resize_rgb(image, height, width)
             mask01 = resize_mask(pair.source_mask01, (height, width))
+        record = self.record(pair.item)
+        if self.erode:
+            record["mask_eroded"] = mask_erodes(mask01, self.erode, self.erode_kernel)  # False: kept, else empty
+            mask01 = erode_mask(mask01, self.erode, self.erode_kernel)
         write_png_atomic(image_path, image)
         write_png_atomic(mask_path, mask_to_png(mask01))
-        record = self.record(pair.item)
         self._append(record)
         return record
 

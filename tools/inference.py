@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         raise ValueError(f"need --eta >= 0, --cfg >= 0, --batch-size >= 1 (got {eta}, {cfg_scale}, {args.batch_size})")
     if sampler != "ddim" and eta != 0:
         raise ValueError(f"--sampler {sampler} is deterministic: it needs --eta 0 (got {eta}); eta > 0 needs ddim")
+    if args.erode < 0:
+        raise ValueError(f"need --erode >= 0 pixels, got {args.erode}")
     if cfg_mask is not None and cfg_mask < 0:
         raise ValueError(f"need --cfg-mask >= 0 (or none), got {cfg_mask}")
     device = torch.device(args.device) if args.device else default_device()
@@ -116,7 +118,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     shard = parse_shard(args.shard) if args.shard else (0, 1)
     items = shard_items(every, *shard, batch_size=args.batch_size)
     run_info = {"base_seed": args.seed, "steps": steps, "cfg": float(cfg_scale), "eta": float(eta), "sampler": sampler,
-                "cfg_mask": None if cfg_mask is None else float(cfg_mask),
+                "cfg_mask": None if cfg_mask is None else float(cfg_mask), "erode": args.erode,
+                "erode_kernel": args.erode_kernel,
                 "mask_mode": args.mask_mode, "augment": vars(augment) if args.mask_mode == "random" else None,
                 "precision": args.precision, "ckpt_sha256": "", "config_hash": config_hash(cfg)}
     writer = PairWriter(args.out, run_info, keep_size=args.keep_size,
@@ -185,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--keep-size", action="store_true",
                     help="save each pair at its source mask's size (image resized; mask = the source mask) instead "
                          "of the model resolution")
+    io.add_argument("--erode", type=int, default=0, metavar="K",
+                    help="erode the saved masks by K pixels (MedDiff-FT's mask corrosion; a mask erosion would empty "
+                         "is kept as it is; recorded in the manifest; default 0: off)")
+    io.add_argument("--erode-kernel", choices=("ellipse", "rect", "cross"), default="ellipse",
+                    help="shape of the (2K+1)² erosion element (default ellipse)")
     io.add_argument("--grid", type=int, nargs="?", const=8, default=0, metavar="N",
                     help="write OUT/grid.png with the first N pairs, mask | image (default N: 8)")
     s = p.add_argument_group("sampling")

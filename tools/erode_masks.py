@@ -1,0 +1,102 @@
+"""``python -m tools.erode_masks``: erode the masks of an existing pairs folder into a new one (mask corrosion).
+
+    python -m tools.erode_masks synth/siamese --out synth/siamese_eroded2 --erode 2
+    python -m tools.erode_masks synth/siamese --out synth/siamese_rect3 --erode 3 --kernel rect
+
+MedDiff-FT (Xie et al., MICCAI 2025) erodes ("corrodes") the masks of generated pairs by a few pixels so that a
+label lies inside the soft boundary of the generated lesion. ``tutorial_inference.py --erode K`` does it while
+sampling; this tool does it afterwards, on a folder ``tutorial_inference.py`` wrote (``manifest.jsonl``, ``images/``,
+``masks/``): OUT gets the same images (hard links where the file system allows, else copies), the eroded masks and
+a manifest whose lines record ``erode``, ``erode_kernel``, ``mask_eroded`` (False: erosion would have emptied the
+mask, which is then kept as it is) and ``eroded_from``. The source folder is never modified; OUT is written under a
+temporary name and renamed at the end. A folder whose masks are already eroded is refused (erode its source).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from siamese.masks import EROSION_KERNELS, erode_mask, mask_erodes, mask_to_png, read_mask
+from siamese.pairs_io import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, read_manifest, write_png_atomic
+from tools._cli import make_parser, run
+
+logger = logging.getLogger("siamese.erode_masks")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not supported
+        shutil.copy2(src, dst)
+
+
+def erode_folder(src: Path, out: Path, pixels: int, kernel: str) -> dict[str, int]:
+    """Write ``out`` from ``src`` with every mask eroded; returns counts (pairs, eroded, kept)."""
+    records = read_manifest(src / MANIFEST_NAME)
+    if not records:
+        raise FileNotFoundError(f"{src / MANIFEST_NAME}: no manifest records (not a tutorial_inference.py output?)")
+    done = [n for n, r in records.items() if int(r.get("erode", 0) or 0) > 0]
+    if done:
+        raise ValueError(f"{src}: pair {done[0]} is already eroded by {records[done[0]]['erode']} px; erode its "
+                         "source folder instead")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / IMAGES_DIR).mkdir(parents=True)
+    (tmp / MASKS_DIR).mkdir(parents=True)
+    counts = {"pairs": 0, "eroded": 0, "kept": 0}
+    lines = []
+    for name, record in records.items():
+        image, mask_file = src / record["image"], src / record["mask"]
+        if not image.is_file() or not mask_file.is_file():
+            raise FileNotFoundError(f"{src}: pair {name} is incomplete ({record['image']} / {record['mask']} missing)")
+        mask01 = read_mask(mask_file, threshold=127)
+        changed = mask_erodes(mask01, pixels, kernel)
+        write_png_atomic(tmp / record["mask"], mask_to_png(erode_mask(mask01, pixels, kernel)))
+        _link_or_copy(image, tmp / record["image"])
+        lines.append(json.dumps({**record, "erode": pixels, "erode_kernel": kernel, "mask_eroded": changed,
+                                 "eroded_from": str(src)}))
+        counts["pairs"] += 1
+        counts["eroded" if changed else "kept"] += 1
+    (tmp / MANIFEST_NAME).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return counts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = make_parser("python -m tools.erode_masks", __doc__)
+    p.add_argument("src", type=Path, metavar="SRC", help="a pairs folder written by tutorial_inference.py")
+    p.add_argument("--out", type=Path, required=True, help="new folder for the eroded pairs")
+    p.add_argument("--erode", type=int, required=True, metavar="K", help="erosion in pixels (> 0)")
+    p.add_argument("--kernel", choices=sorted(EROSION_KERNELS), default="ellipse",
+                   help="shape of the (2K+1)² structuring element (default ellipse)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
+    return p.parse_args(argv)
+
+
+def _body(args: argparse.Namespace) -> int:
+    if args.erode <= 0:
+        raise ValueError(f"--erode must be > 0 pixels, got {args.erode}")
+    if args.out.resolve() == args.src.resolve():
+        raise ValueError(f"--out {args.out} is the source folder; the source is never modified")
+    if args.out.exists() and not args.force:
+        raise FileExistsError(f"output {args.out} exists; pass --force to replace it")
+    counts = erode_folder(args.src, args.out, args.erode, args.kernel)
+    logger.info("wrote %s: %d pairs, %d masks eroded by %d px (%s), %d kept as they were (erosion would empty them)",
+                args.out, counts["pairs"], counts["eroded"], args.erode, args.kernel, counts["kept"])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(_body, parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
