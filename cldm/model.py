@@ -76,7 +76,8 @@ class ControlLDM(LatentDiffusion):
     def sample(self, hint: Tensor, prompts: Sequence[str], *, steps: int = 50, cfg_scale: float = 9.0,
                eta: float = 0.0, generator: Generators = None, x_T: Tensor | None = None,
                batched_cfg: bool = True, progress: bool = False, context: Tensor | None = None,
-               uncond_context: Tensor | None = None, sampler: str = "ddim", cfg_mask: float | None = None) -> Tensor:
+               uncond_context: Tensor | None = None, sampler: str = "ddim", cfg_mask: float | None = None,
+               background: Tensor | None = None) -> Tensor:
         """Mask-conditioned sampling (``sampler``: ddim, dpmpp_2m or unipc) → images in [-1, 1]
         (``LatentDiffusion.sample`` with a hint first).
 
@@ -86,7 +87,10 @@ class ControlLDM(LatentDiffusion):
         unconditional branch: ``ε = ε(z, "", 0) + s_m · (ε(z, "", h) − ε(z, "", 0)) + s · (ε(z, τ, h) − ε(z, "", h))``
         (three branches per step). ``generator`` may be one per sample (see ``ddim_sample``); ``context`` /
         ``uncond_context`` are text contexts already encoded (of ``prompts`` / of ""), e.g. cached by a caller that
-        samples many batches with few prompts.
+        samples many batches with few prompts. ``background`` (images in [-1, 1], the hint's size): generate only
+        inside the mask and keep the background outside it (MedDiff-FT eq. 2, ``ldm.sampler.background_denoiser``);
+        the background is encoded with the posterior mean, and a latent pixel is generated when any of its image
+        pixels lies in the mask.
         """
         hint = hint.to(self.betas.device, self.unet.dtype)  # the networks' dtype (bf16 when DeepSpeed cast them)
         b, _, h, w = hint.shape
@@ -98,8 +102,15 @@ class ControlLDM(LatentDiffusion):
         if cfg_mask is not None:
             uncond_all = {"context": uncond["context"], "hint": torch.zeros_like(hint)}
         shape = (b, self.unet.config.in_channels, h // HINT_DOWNSAMPLE, w // HINT_DOWNSAMPLE)
+        keep = None
+        if background is not None:
+            if tuple(background.shape) != (b, 3, h, w):
+                raise ValueError(f"background is {tuple(background.shape)}, expected {(b, 3, h, w)} (the hint's size)")
+            z_bg = self.first_stage_model.encode_to_latent(background.to(hint.device, hint.dtype), mode=True)
+            region = torch.nn.functional.adaptive_max_pool2d(hint[:, :1].float(), shape[-2:]) > 0.5
+            keep = (z_bg, region)
         z = self.sample_latents(cond, uncond, shape, steps=steps, cfg_scale=cfg_scale, eta=eta, generator=generator,
                                 x_T=x_T, batched_cfg=batched_cfg, progress=progress, sampler=sampler,
-                                uncond_all=uncond_all, scale_all=cfg_mask)
+                                uncond_all=uncond_all, scale_all=cfg_mask, background=keep)
         return self.decode_latents(z)
 

@@ -315,9 +315,11 @@ class AutoencoderKL(nn.Module):
                              f"{tuple(z.shape)}")
         return self.decoder(self.post_quant_conv(z))
 
-    def encode_to_latent(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Image in [-1, 1] -> scaled latent sample, the diffusion model's input space."""
-        return self.scale_factor * self.encode(x).sample(generator)
+    def encode_to_latent(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                         mode: bool = False) -> torch.Tensor:
+        """Image in [-1, 1] -> scaled latent sample (``mode``: the posterior mean), the diffusion model's space."""
+        posterior = self.encode(x)
+        return self.scale_factor * (posterior.mode() if mode else posterior.sample(generator))
 
     def decode_from_latent(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latent -> image (undoes `scale_factor` before decoding)."""
@@ -362,7 +364,8 @@ class IdentityFirstStage(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self._check(z, "decode")
 
-    def encode_to_latent(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_to_latent(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                         mode: bool = False) -> torch.Tensor:
         return self._check(x, "encode_to_latent")
 
     def decode_from_latent(self, z: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from ldm import solvers
 from ldm.autoencoder import AutoencoderKL, IdentityFirstStage
-from ldm.sampler import Generators, cfg_denoiser, dual_cfg_denoiser
+from ldm.sampler import Generators, background_denoiser, cfg_denoiser, dual_cfg_denoiser
 from ldm.schedule import BUFFER_NAMES, Schedule
 from ldm.text_encoder import FrozenCLIPTextEncoder, open_clip_to_sd15, sd15_to_open_clip
 from ldm.unet import UNetModel
@@ -116,16 +116,24 @@ class LatentDiffusion(nn.Module):
     def sample_latents(self, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None, shape: Sequence[int], *,
                        steps: int, cfg_scale: float, eta: float, generator: Generators, x_T: Tensor | None,
                        batched_cfg: bool, progress: bool, sampler: str = "ddim",
-                       uncond_all: dict[str, Tensor] | None = None, scale_all: float | None = None) -> Tensor:
+                       uncond_all: dict[str, Tensor] | None = None, scale_all: float | None = None,
+                       background: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``sampler`` (``ldm.solvers.SAMPLERS``) over ``denoise`` with classifier-free guidance (``uncond`` = the
         unconditional ``cond``). With ``scale_all`` set, two-condition guidance (``dual_cfg_denoiser``) instead:
-        ``uncond_all`` is the fully unconditional input, ``scale_all`` the scale from it to ``uncond``."""
+        ``uncond_all`` is the fully unconditional input, ``scale_all`` the scale from it to ``uncond``.
+        ``background = (z_bg, region)``: generate inside ``region`` only and keep the latent ``z_bg`` outside it
+        (``background_denoiser``; the returned latent is ``z_bg`` exactly outside the region)."""
         if scale_all is None:
             denoise = cfg_denoiser(self.denoise, uncond, cfg_scale, batched=batched_cfg)
         else:
             denoise = dual_cfg_denoiser(self.denoise, uncond, uncond_all, cfg_scale, scale_all, batched=batched_cfg)
-        return solvers.sample(sampler, denoise, shape, cond, self.schedule, steps=steps, eta=eta, generator=generator,
-                              x_T=x_T, device=self.betas.device, dtype=self.unet.dtype, progress=progress)
+        if background is not None:
+            denoise = background_denoiser(denoise, background[0], background[1], self.alphas_cumprod)
+        z = solvers.sample(sampler, denoise, shape, cond, self.schedule, steps=steps, eta=eta, generator=generator,
+                           x_T=x_T, device=self.betas.device, dtype=self.unet.dtype, progress=progress)
+        if background is not None:  # the last step ends at t = 0, not at the clean latent: keep z_bg exactly
+            z = torch.where(background[1].bool(), z, background[0].to(z.dtype))
+        return z
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], size: int | tuple[int, int], *, steps: int = 50, cfg_scale: float = 9.0,

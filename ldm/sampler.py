@@ -104,6 +104,28 @@ def dual_cfg_denoiser(fn: DenoiseFn, uncond: Any, uncond_all: Any, scale: float,
     return denoise_dual
 
 
+def background_denoiser(fn: DenoiseFn, background: Tensor, region: Tensor, alphas_cumprod: Tensor) -> DenoiseFn:
+    """Background-preserving generation: generate inside ``region`` (1), keep the ``background`` latent outside (0).
+
+    MedDiff-FT (Xie et al. 2025, eq. 2) blends at every denoising step the model's update inside the mask with the
+    background re-noised to the same step outside it (as blended latent diffusion, Avrahami et al. 2023). Here the
+    blend is a denoise wrapper, so DDIM and the ODE solvers all get it: outside the region the returned ε is the one
+    whose data prediction is exactly the background, ``ε_bg = (x_t − √ᾱ_t z_bg) / √(1 − ᾱ_t)``. A deterministic
+    step then moves those pixels along ``√ᾱ_t z_bg + √(1 − ᾱ_t) n`` with one fixed noise ``n``: the background
+    re-noised to every step, with the same noise throughout (eq. 2 draws fresh noise; with η = 0 samplers a fixed
+    draw keeps the trajectory an ODE path). The network always sees the whole latent, so the generated region is
+    conditioned on the (noisy) background around it. ``region`` broadcasts against the latent (B × 1 × h × w).
+    """
+
+    def denoise_background(x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        eps = fn(x, t, cond)
+        a = alphas_cumprod.to(x.device)[t].float().view(-1, *([1] * (x.dim() - 1)))
+        eps_bg = (x.float() - a.sqrt() * background.float()) / (1.0 - a).sqrt()
+        return torch.where(region.bool(), eps, eps_bg.to(eps.dtype))
+
+    return denoise_background
+
+
 Generators = torch.Generator | Sequence[torch.Generator] | None
 """One generator for the whole batch, one per sample (row ``i`` of every draw comes from ``generator[i]``, so a
 sample's noise does not depend on the batch it is in), or None for the global RNG."""

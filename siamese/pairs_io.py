@@ -99,7 +99,7 @@ def _same(a: Any, b: Any) -> bool:
 
 # Settings added to the run info after manifests were first written: a manifest line without one was made with
 # its value here (DDIM before the solvers existed), so resuming such an OUT with the defaults is not refused.
-RUN_INFO_DEFAULTS = {"sampler": "ddim", "cfg_mask": None, "erode": 0, "erode_kernel": "ellipse"}
+RUN_INFO_DEFAULTS = {"sampler": "ddim", "cfg_mask": None, "erode": 0, "erode_kernel": "ellipse", "backgrounds": None}
 
 
 class PairWriter:
@@ -161,6 +161,8 @@ class PairWriter:
             image = _resize_rgb(image, height, width)
             mask01 = resize_mask(pair.source_mask01, (height, width))
         record = self.record(pair.item)
+        if pair.background is not None:
+            record["background"] = str(pair.background)
         if self.erode:
             record["mask_eroded"] = mask_erodes(mask01, self.erode, self.erode_kernel)  # False: kept, else empty
             mask01 = erode_mask(mask01, self.erode, self.erode_kernel)

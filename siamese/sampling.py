@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ldm.solvers import SAMPLERS
 
+import cv2
 import numpy as np
 import torch
 from torch import Tensor
@@ -44,7 +45,9 @@ __all__ = [
     "autocast_context",
     "batches",
     "check_masks",
+    "collect_backgrounds",
     "collect_masks",
+    "item_background",
     "item_mask",
     "make_items",
     "mask_rng",
@@ -92,6 +95,7 @@ class SampledPair:
     image: np.ndarray
     mask01: np.ndarray
     source_mask01: np.ndarray
+    background: Path | None = None  # the background image kept outside the mask (``backgrounds``), if any
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
@@ -226,6 +230,40 @@ def _to_uint8(images: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def collect_backgrounds(folder: str | Path) -> list[Path]:
+    """The background images of a folder (sorted by name), for background-preserving generation."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"backgrounds: {root} is not a folder")
+    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in MASK_SUFFIXES and p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"backgrounds: no image files ({', '.join(MASK_SUFFIXES)}) in {root}")
+    return paths
+
+
+def item_background(item: WorkItem, backgrounds: Sequence[Path]) -> Path:
+    """The background of a work item: drawn by its seed (the same pairing whatever batch, shard or resume)."""
+    digest = hashlib.sha256(f"background:{item.seed}".encode()).digest()
+    return backgrounds[int.from_bytes(digest[:8], "big") % len(backgrounds)]
+
+
+def _backgrounds(paths: Sequence[Path], masks: Sequence[np.ndarray], hint_size: int, device: torch.device) -> Tensor:
+    """Background images → (B, 3, S, S) in [-1, 1] at the hint size; a background whose aspect ratio differs from
+    its mask's is refused (both are resized to the same square)."""
+    out = []
+    for path, mask in zip(paths, masks, strict=True):
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"background {path}: not a readable image")
+        (h, w), (mh, mw) = bgr.shape[:2], mask.shape[:2]
+        if abs(h / w - mh / mw) > 0.01 * (mh / mw):
+            raise ValueError(f"background {path} is {h}×{w} but its mask is {mh}×{mw}: different aspect ratios")
+        rgb = cv2.cvtColor(cv2.resize(bgr, (hint_size, hint_size), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+        out.append(rgb)
+    stacked = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return stacked.to(device)
+
+
 def _hints(masks: Sequence[np.ndarray], hint_size: int, device: torch.device) -> Tensor:
     stacked = np.stack([resize_mask(m, hint_size) for m in masks]).astype(np.float32)
     return torch.from_numpy(stacked)[:, None].repeat(1, 3, 1, 1).to(device)
@@ -250,15 +288,18 @@ class _PromptCache:
 def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int, steps: int = 50,
                  cfg_scale: float = 9.0, eta: float = 0.0, batch_size: int = 4, mask_mode: str = "real",
                  augment: MaskAugment | None = None, precision: str = "fp32", batched_cfg: bool = True,
-                 pad: bool = True, sampler: str = "ddim", cfg_mask: float | None = None) -> Iterator[SampledPair]:
+                 pad: bool = True, sampler: str = "ddim", cfg_mask: float | None = None,
+                 backgrounds: Sequence[Path] | None = None) -> Iterator[SampledPair]:
     """Generate one image per work item with the mask branch; yields pairs in item order, batch by batch.
 
     ``model`` is a loaded ``ControlLDM`` on its device (``model.eval()``); ``hint_size`` is the mask resolution the
     model was trained with (``ExperimentConfig.hint_size``: the image size for an ×8 VAE). Guidance: ``cfg_scale``
     with the empty prompt and the same hint as unconditional input (as ``ControlLDM.sample``); 1 = the conditional
     branch only; ``cfg_mask`` adds separate guidance of the mask (``ControlLDM.sample``); ``sampler`` is one of
-    ``ldm.solvers.SAMPLERS``. Each pair's noise comes from ``torch.Generator().manual_seed(item.seed)`` (drawn on CPU
-    in float32, then moved), text contexts are encoded per prompt (and cached), and rows of a batch never interact.
+    ``ldm.solvers.SAMPLERS``; ``backgrounds``: background-preserving generation, each item's image generated inside
+    its mask on a background drawn by its seed (``item_background``) and kept outside it. Each pair's noise comes
+    from ``torch.Generator().manual_seed(item.seed)`` (drawn on CPU in float32, then moved), text contexts are
+    encoded per prompt (and cached), and rows of a batch never interact.
     Batched kernels still round differently at other batch sizes and row positions, so a file is bit-identical for
     the same ``batch_size`` and position in its batch (``pad`` keeps the last batch full-size); between batch sizes
     images agree up to float rounding. Example::
@@ -285,12 +326,14 @@ def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int
         padded = batch + [batch[-1]] * (batch_size - len(batch) if pad else 0)
         padded_masks = masks + [masks[-1]] * (len(padded) - len(batch))
         generators = [torch.Generator().manual_seed(item.seed) for item in padded]
+        bg_paths = [item_background(item, backgrounds) for item in padded] if backgrounds else None
+        bg = _backgrounds(bg_paths, padded_masks, hint_size, device) if bg_paths else None
         with autocast:
             prompts = [item.source.prompt for item in padded]
             unconditional = cfg_scale != 1.0 or cfg_mask is not None
             images = model.sample(_hints(padded_masks, hint_size, device), prompts, steps=steps, cfg_scale=cfg_scale,
                                   eta=eta, generator=generators, batched_cfg=batched_cfg, context=contexts(prompts),
                                   uncond_context=contexts([""] * len(prompts)) if unconditional else None,
-                                  sampler=sampler, cfg_mask=cfg_mask)
-        for item, mask01, rgb in zip(batch, masks, _to_uint8(images)):
-            yield SampledPair(item, rgb, resize_mask(mask01, rgb.shape[:2]), mask01)
+                                  sampler=sampler, cfg_mask=cfg_mask, background=bg)
+        for i, (item, mask01, rgb) in enumerate(zip(batch, masks, _to_uint8(images))):
+            yield SampledPair(item, rgb, resize_mask(mask01, rgb.shape[:2]), mask01, bg_paths[i] if bg_paths else None)

@@ -43,6 +43,7 @@ from siamese.sampling import (
     autocast_context,
     batches,
     check_masks,
+    collect_backgrounds,
     collect_masks,
     make_items,
     parse_shard,
@@ -115,10 +116,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
     sources = collect_masks(args.masks, default_prompt=cfg.sample.prompt, prompt_override=args.prompt)
     every = make_items(sources, args.n_per_mask, args.seed, args.limit)
+    backgrounds = collect_backgrounds(args.background) if args.background else None
     shard = parse_shard(args.shard) if args.shard else (0, 1)
     items = shard_items(every, *shard, batch_size=args.batch_size)
     run_info = {"base_seed": args.seed, "steps": steps, "cfg": float(cfg_scale), "eta": float(eta), "sampler": sampler,
                 "cfg_mask": None if cfg_mask is None else float(cfg_mask), "erode": args.erode,
+                "backgrounds": str(args.background.resolve()) if args.background else None,
                 "erode_kernel": args.erode_kernel,
                 "mask_mode": args.mask_mode, "augment": vars(augment) if args.mask_mode == "random" else None,
                 "precision": args.precision, "ckpt_sha256": "", "config_hash": config_hash(cfg)}
@@ -152,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         pairs = sample_pairs(model, rerun, hint_size=cfg.hint_size, steps=steps, cfg_scale=cfg_scale, eta=eta,
                              batch_size=args.batch_size, mask_mode=args.mask_mode, augment=augment,
                              precision=args.precision, batched_cfg=not args.separate_cfg, sampler=sampler,
-                             cfg_mask=cfg_mask)
+                             cfg_mask=cfg_mask, backgrounds=backgrounds)
         for pair in tqdm(pairs, total=len(rerun), unit="pair", desc="sampling", disable=args.no_progress or None):
             if pair.item.name in todo_names:
                 writer.write(pair)
@@ -188,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--keep-size", action="store_true",
                     help="save each pair at its source mask's size (image resized; mask = the source mask) instead "
                          "of the model resolution")
+    io.add_argument("--background", type=Path, metavar="DIR",
+                    help="background-preserving generation (MedDiff-FT eq. 2): a folder of background images; each "
+                         "pair is generated inside its mask on a background drawn by its seed and keeps it outside")
     io.add_argument("--erode", type=int, default=0, metavar="K",
                     help="erode the saved masks by K pixels (MedDiff-FT's mask corrosion; a mask erosion would empty "
                          "is kept as it is; recorded in the manifest; default 0: off)")
