@@ -1,0 +1,122 @@
+"""``python -m tools.filter_pairs``: keep the generated pairs that are neither near-copies nor off-domain.
+
+    python -m tools.filter_pairs synth/siamese --real data/polyps --out synth/siamese_filtered \\
+        --features timm:vit_small_patch14_dinov2.lvd142m --weights models/dinov2_vits14.safetensors
+    python -m tools.filter_pairs synth/siamese --real data/polyps --out synth/f --low 0.55 --high 0.97 ...
+
+MedDiff-FT's quality filter (Xie et al., MICCAI 2025): each generated image's cosine similarity to its nearest real
+image in a frozen feature space (``siamese/evaluation/filtering.py``; the band defaults to what the real images'
+leave-one-out similarities imply, ``--low`` / ``--high`` set it). SRC is a folder tutorial_inference.py wrote; REAL a
+prompt.json dataset or a folder of images. OUT becomes a pairs folder of the kept pairs (images and masks hard-linked
+where possible, else copied; ``manifest.jsonl`` with each kept line plus its ``filter_similarity``), usable as is by
+``tools.evaluate --synthetic OUT``, and ``OUT/filter_report.json`` with the band and every pair's similarity, nearest
+real image and verdict. Nothing is deleted; SRC is never modified. The feature tower comes from a local weight file
+(nothing downloads): ``timm:<name>`` (e.g. DINOv2), ``torchvision:<arch>``, ``open_clip:<model>``, ``inception``, or
+``tiny`` (a seeded random network: tests only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from siamese.evaluation.features import load_feature_extractor, read_dataset_images
+from siamese.evaluation.filtering import default_band, judge
+from siamese.pairs_io import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, read_manifest
+from tools._cli import make_parser, run
+
+logger = logging.getLogger("siamese.filter_pairs")
+REPORT_NAME = "filter_report.json"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = make_parser("python -m tools.filter_pairs", __doc__)
+    p.add_argument("src", type=Path, metavar="SRC", help="a pairs folder written by tutorial_inference.py")
+    p.add_argument("--real", type=Path, required=True, help="the real images: prompt.json dataset or image folder")
+    p.add_argument("--out", type=Path, required=True, help="new folder for the kept pairs and the report")
+    p.add_argument("--features", default="timm:vit_small_patch14_dinov2.lvd142m",
+                   help="feature tower (default: DINOv2 ViT-S/14 through timm; needs --weights)")
+    p.add_argument("--weights", type=Path, help="local weight file of the feature tower")
+    p.add_argument("--image-size", type=int, help="input size of the tower (default: its own)")
+    p.add_argument("--low", type=float, help="keep similarities >= LOW (default: the --low-quantile of the real "
+                                             "images' leave-one-out nearest-neighbour similarity)")
+    p.add_argument("--high", type=float, help="keep similarities <= HIGH (default: the largest real leave-one-out "
+                                              "similarity: closer than that is a near-copy)")
+    p.add_argument("--low-quantile", type=float, default=0.01, help="quantile for the default LOW (default 0.01)")
+    p.add_argument("--device", default="cpu", help="torch device of the feature tower (default cpu)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
+    return p.parse_args(argv)
+
+
+def _body(args: argparse.Namespace) -> int:
+    src, out = args.src, args.out
+    if out.resolve() == src.resolve():
+        raise ValueError(f"--out {out} is the source folder; the source is never modified")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"output {out} exists; pass --force to replace it")
+    records = read_manifest(src / MANIFEST_NAME)
+    if not records:
+        raise FileNotFoundError(f"{src / MANIFEST_NAME}: no manifest records (not a tutorial_inference.py output?)")
+    for name, record in records.items():
+        if not (src / record["image"]).is_file() or not (src / record["mask"]).is_file():
+            raise FileNotFoundError(f"{src}: pair {name} is incomplete ({record['image']} / {record['mask']} missing)")
+    real_images = read_dataset_images(args.real)
+    extractor = load_feature_extractor(args.features, args.weights, device=args.device, image_size=args.image_size)
+    progress = not args.no_progress
+    real = extractor.features(real_images, args.batch_size, progress=progress)
+    names = list(records)
+    synthetic = extractor.features([src / records[n]["image"] for n in names], args.batch_size, progress=progress)
+    band = default_band(real, args.low, args.high, args.low_quantile)
+    verdicts = judge(synthetic, real, band)
+    kept = [n for n, v in zip(names, verdicts, strict=True) if v.verdict == "kept"]
+    counts = {k: sum(v.verdict == k for v in verdicts) for k in ("kept", "near-copy", "off-domain")}
+    if not kept:
+        raise ValueError(f"the filter keeps no pair of {len(names)} (band [{band.low:.4f}, {band.high:.4f}]: "
+                         f"{counts['near-copy']} near-copies, {counts['off-domain']} off-domain); nothing written")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / IMAGES_DIR).mkdir(parents=True)
+    (tmp / MASKS_DIR).mkdir(parents=True)
+    by_name = dict(zip(names, verdicts, strict=True))
+    lines = []
+    for name in kept:
+        record = records[name]
+        _link_or_copy(src / record["image"], tmp / record["image"])
+        _link_or_copy(src / record["mask"], tmp / record["mask"])
+        lines.append(json.dumps({**record, "filter_similarity": by_name[name].similarity, "filtered_from": str(src)}))
+    (tmp / MANIFEST_NAME).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    report = {"source": str(src), "real": str(args.real), "features": args.features,
+              "weights": str(args.weights) if args.weights else None,
+              "band": {"low": band.low, "high": band.high, "low_from": band.low_source, "high_from": band.high_source},
+              "counts": counts,
+              "pairs": [{"name": n, "similarity": v.similarity, "nearest_real": str(real_images[v.nearest_real]),
+                         "verdict": v.verdict} for n, v in zip(names, verdicts, strict=True)]}
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    logger.info("kept %d of %d pairs (band [%.4f, %.4f]; %d near-copies, %d off-domain): %s", counts["kept"],
+                len(names), band.low, band.high, counts["near-copy"], counts["off-domain"], out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(_body, parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
