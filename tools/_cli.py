@@ -76,6 +76,19 @@ def check_output(path: Path, *, force: bool) -> Path:
     return path
 
 
+def check_output_dir(path: Path, *, force: bool) -> Path:
+    """``check_output`` for a tool whose output is a folder (written beside it under a temporary name)."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output {path} is a file; give a folder name")
+    if path.exists() and not force:
+        raise FileExistsError(f"output {path} exists; pass --force to replace it")
+    parent = path.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: directory {parent} is not writable")
+    return path
+
+
 def list_keys(title: str, keys: list[str], verbose: bool) -> None:
     """Log a key category: its count, and the names with --verbose."""
     if not keys:
