@@ -23,7 +23,7 @@ from pathlib import Path
 
 from siamese.masks import EROSION_KERNELS, erode_mask, mask_erodes, mask_to_png, read_mask
 from siamese.pairs_io import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, read_manifest, write_png_atomic
-from tools._cli import make_parser, run
+from tools._cli import check_output_dir, make_parser, run
 
 logger = logging.getLogger("siamese.erode_masks")
 
@@ -86,8 +86,7 @@ def _body(args: argparse.Namespace) -> int:
         raise ValueError(f"--erode must be > 0 pixels, got {args.erode}")
     if args.out.resolve() == args.src.resolve():
         raise ValueError(f"--out {args.out} is the source folder; the source is never modified")
-    if args.out.exists() and not args.force:
-        raise FileExistsError(f"output {args.out} exists; pass --force to replace it")
+    check_output_dir(args.out, force=args.force)
     counts = erode_folder(args.src, args.out, args.erode, args.kernel)
     logger.info("wrote %s: %d pairs, %d masks eroded by %d px (%s), %d kept as they were (erosion would empty them)",
                 args.out, counts["pairs"], counts["eroded"], args.erode, args.kernel, counts["kept"])

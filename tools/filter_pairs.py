@@ -27,7 +27,7 @@ from pathlib import Path
 from siamese.evaluation.features import load_feature_extractor, read_dataset_images
 from siamese.evaluation.filtering import default_band, judge
 from siamese.pairs_io import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, read_manifest
-from tools._cli import make_parser, run
+from tools._cli import check_output_dir, make_parser, run
 
 logger = logging.getLogger("siamese.filter_pairs")
 REPORT_NAME = "filter_report.json"
@@ -66,8 +66,7 @@ def _body(args: argparse.Namespace) -> int:
     src, out = args.src, args.out
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the source folder; the source is never modified")
-    if out.exists() and not args.force:
-        raise FileExistsError(f"output {out} exists; pass --force to replace it")
+    check_output_dir(out, force=args.force)
     records = read_manifest(src / MANIFEST_NAME)
     if not records:
         raise FileNotFoundError(f"{src / MANIFEST_NAME}: no manifest records (not a tutorial_inference.py output?)")
