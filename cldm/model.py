@@ -106,9 +106,7 @@ class ControlLDM(LatentDiffusion):
         if background is not None:
             if tuple(background.shape) != (b, 3, h, w):
                 raise ValueError(f"background is {tuple(background.shape)}, expected {(b, 3, h, w)} (the hint's size)")
-            z_bg = self.first_stage_model.encode_to_latent(background.to(hint.device, hint.dtype), mode=True)
-            region = torch.nn.functional.adaptive_max_pool2d(hint[:, :1].float(), shape[-2:]) > 0.5
-            keep = (z_bg, region)
+            keep = self.background_condition(background.to(hint.device, hint.dtype), hint[:, :1], shape[-2:])
         z = self.sample_latents(cond, uncond, shape, steps=steps, cfg_scale=cfg_scale, eta=eta, generator=generator,
                                 x_T=x_T, batched_cfg=batched_cfg, progress=progress, sampler=sampler,
                                 uncond_all=uncond_all, scale_all=cfg_mask, background=keep)

@@ -22,9 +22,14 @@ from ldm.model import LatentDiffusion
 from ldm.perceptual import PerceptualDistance
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from cldm.lightning import StepLoss, TrainModule, drop_prompts
+
+# Where the UNet stage's loss applies: everywhere (pretraining), the lesion (MedDiff-FT's lesion-focused
+# fine-tuning) or the rest (its non-lesion / healthy-background generator).
+LOSS_REGIONS: tuple[str, ...] = ("all", "lesion", "background")
 
 
 def autoencoder_terms(images: Tensor, reconstruction: Tensor, kl: Tensor, kl_weight: float,
@@ -74,12 +79,28 @@ class AutoencoderModule(TrainModule):
 class LatentDiffusionModule(TrainModule):
     """Trains the whole UNet of ``net`` (time embedding, encoder, middle and decoder) with the ε-prediction loss."""
 
-    def __init__(self, net: LatentDiffusion, *, lr: float, prompt_dropout: float):
+    def __init__(self, net: LatentDiffusion, *, lr: float, prompt_dropout: float, loss_region: str = "all"):
         super().__init__(lr)
+        if loss_region not in LOSS_REGIONS:
+            raise ValueError(f"loss region {loss_region!r} is not one of {list(LOSS_REGIONS)}")
         self.net = net
         net.requires_grad_(False)
         net.unet.requires_grad_(True)
         self.prompt_dropout = prompt_dropout
+        self.loss_region = loss_region
+
+    def region_weight(self, batch: dict, latent_size: tuple[int, int]) -> Tensor | None:
+        """MedDiff-FT's lesion-focused loss (Xie et al. 2025, eq. 1: ``‖M ⊙ (X̂_θ − X)‖²``), applied to the ε
+        regression SD is trained with: ``M`` is the mask's share of each latent pixel (``lesion``) or its complement
+        (``background``: the non-lesion generator). The squared error is averaged over all latent elements, as the
+        equation's norm sums over the image: a sample with a small lesion contributes a small loss."""
+        if self.loss_region == "all":
+            return None
+        if "mask_hint" not in batch:
+            raise ValueError(f"pretrain.unet.loss_region {self.loss_region!r} needs masks: data.root must be a "
+                             "prompt.json dataset of image-mask pairs (or null: generated pairs)")
+        share = F.adaptive_avg_pool2d(batch["mask_hint"][:, :1].float(), latent_size)
+        return share if self.loss_region == "lesion" else 1.0 - share
 
     def step_loss(self, batch: dict, step: int) -> StepLoss:
         net = self.net
@@ -90,8 +111,10 @@ class LatentDiffusionModule(TrainModule):
         t = torch.randint(0, net.schedule.num_timesteps, (z0.shape[0],), device=z0.device)
         noise = torch.randn_like(z0)
         z_t = net.schedule.q_sample(z0, t, noise).to(dtype)
-        per_sample = (net.eps(z_t, t, context).float() - noise.float()).pow(2).flatten(1).mean(1)
-        return StepLoss(per_sample.mean(), {"loss_simple": per_sample}, {})
+        error = (net.eps(z_t, t, context).float() - noise.float()).pow(2)
+        weight = self.region_weight(batch, tuple(z0.shape[-2:]))
+        per_sample = (error if weight is None else weight.to(error.device) * error).flatten(1).mean(1)
+        return StepLoss(per_sample.mean(), {"loss_simple" if weight is None else "loss_region": per_sample}, {})
 
     @torch.no_grad()
     def image_columns(self, samples: dict, *, steps: int, cfg_scale: float, generator: torch.Generator,

@@ -136,13 +136,29 @@ class LatentDiffusion(nn.Module):
         return z
 
     @torch.no_grad()
+    def background_condition(self, background: Tensor, mask: Tensor, latent_size: Sequence[int]
+                             ) -> tuple[Tensor, Tensor]:
+        """``(z_bg, region)`` for ``sample_latents(background=…)`` from background images in [-1, 1] and a mask in
+        [0, 1] of the same size (B × 1 × H × W): the background encoded with the posterior mean; a latent pixel is
+        generated when any of its image pixels lies in the mask."""
+        if background.shape[0] != mask.shape[0] or tuple(background.shape[-2:]) != tuple(mask.shape[-2:]):
+            raise ValueError(f"background is {tuple(background.shape)}, its mask {tuple(mask.shape)}: the batch and "
+                             "the image size must match")
+        z_bg = self.first_stage_model.encode_to_latent(background, mode=True)
+        region = torch.nn.functional.adaptive_max_pool2d(mask[:, :1].float(), tuple(latent_size)) > 0.5
+        return z_bg, region
+
+    @torch.no_grad()
     def sample(self, prompts: Sequence[str], size: int | tuple[int, int], *, steps: int = 50, cfg_scale: float = 9.0,
                eta: float = 0.0, generator: Generators = None, x_T: Tensor | None = None, batched_cfg: bool = True,
-               progress: bool = False, sampler: str = "ddim") -> Tensor:
+               progress: bool = False, sampler: str = "ddim", background: Tensor | None = None,
+               mask: Tensor | None = None) -> Tensor:
         """Text-conditioned sampling (``sampler``: ddim, dpmpp_2m or unipc) of images of ``size`` pixels → images in
         [-1, 1].
 
-        Guidance: ``ε = ε(z, "") + s · (ε(z, τ) − ε(z, ""))`` (Ho & Salimans 2022), as SD1.5 samples.
+        Guidance: ``ε = ε(z, "") + s · (ε(z, τ) − ε(z, ""))`` (Ho & Salimans 2022), as SD1.5 samples. With
+        ``background`` and ``mask`` (B × 1 × H × W in [0, 1]): generate inside the mask only and keep the background
+        outside it (MedDiff-FT eq. 2 with a fine-tuned base, ``ldm.sampler.background_denoiser``).
         """
         height, width = (size, size) if isinstance(size, int) else size
         f = self.latent_factor
@@ -152,6 +168,14 @@ class LatentDiffusion(nn.Module):
         cond = {"context": self.encode_prompts(prompts).to(dtype)}
         uncond = {"context": self.encode_prompts([""] * len(prompts)).to(dtype)} if cfg_scale != 1.0 else None
         shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
+        keep = None
+        if (background is None) != (mask is None):
+            raise ValueError("background-preserving sampling needs both a background and a mask")
+        if background is not None:
+            if tuple(background.shape[-2:]) != (height, width):
+                raise ValueError(f"background is {tuple(background.shape[-2:])}, the sample size {(height, width)}")
+            device = self.betas.device
+            keep = self.background_condition(background.to(device, dtype), mask.to(device), shape[-2:])
         z = self.sample_latents(cond, uncond, shape, steps=steps, cfg_scale=cfg_scale, eta=eta, generator=generator,
-                                x_T=x_T, batched_cfg=batched_cfg, progress=progress, sampler=sampler)
+                                x_T=x_T, batched_cfg=batched_cfg, progress=progress, sampler=sampler, background=keep)
         return self.decode_latents(z)

@@ -179,6 +179,7 @@ class UNetPretrain:
     lr: float = 1.0e-4
     batch_size: int = 8
     prompt_dropout: float = 0.1  # SD1.5 drops 10 % of the captions so classifier-free guidance works
+    loss_region: str = "all"  # lesion | background: MedDiff-FT's masked loss (needs masks: data with prompt.json)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ class PretrainConfig:
 
 
 PRETRAIN_STAGES = ("autoencoder", "unet")
+LOSS_REGIONS = ("all", "lesion", "background")  # cldm.pretrain.LatentDiffusionModule's loss_region
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,8 @@ def check(cfg: ExperimentConfig, where: str = "config") -> None:
     if ae.perceptual_weight > 0 and not ae.perceptual_weights:
         fail("pretrain.autoencoder.perceptual_weight > 0 needs pretrain.autoencoder.perceptual_weights (a local "
              "VGG16 weight file; nothing is downloaded)")
+    if cfg.pretrain.unet.loss_region not in LOSS_REGIONS:
+        fail(f"pretrain.unet.loss_region {cfg.pretrain.unet.loss_region!r} is not one of {list(LOSS_REGIONS)}")
     if not 0.0 <= cfg.pretrain.unet.prompt_dropout <= 1.0:
         fail(f"pretrain.unet.prompt_dropout must be in [0, 1], got {cfg.pretrain.unet.prompt_dropout}")
     if cfg.sample.sampler not in SAMPLERS:

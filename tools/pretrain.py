@@ -47,7 +47,7 @@ from siamese.config import (
     stage_config,
     to_yaml,
 )
-from siamese.factory import build_first_stage, build_image_dataset, build_latent_diffusion
+from siamese.factory import build_dataset, build_first_stage, build_image_dataset, build_latent_diffusion
 from tools._cli import add_common_flags, check_output, make_parser, run
 from tools.train import checkpoint_dir, find_latest_checkpoint, train
 from tools.zero_to_fp32 import read_training_checkpoint
@@ -156,8 +156,11 @@ def pretrain_unet(cfg: ExperimentConfig, first_stage: dict[str, torch.Tensor], *
         load_strict(net, state).raise_if_bad("base model")
 
     def build(c: ExperimentConfig) -> tuple[LatentDiffusionModule, Dataset]:
-        module = LatentDiffusionModule(net, lr=c.train.lr, prompt_dropout=cfg.pretrain.unet.prompt_dropout)
-        return module, build_image_dataset(c)
+        unet_cfg = cfg.pretrain.unet
+        module = LatentDiffusionModule(net, lr=c.train.lr, prompt_dropout=unet_cfg.prompt_dropout,
+                                       loss_region=unet_cfg.loss_region)
+        # The masked (MedDiff-FT) losses need image-mask pairs; plain pretraining takes any images.
+        return module, build_image_dataset(c) if unet_cfg.loss_region == "all" else build_dataset(c)
 
     stage_resume, stage_force = _stage_run(stage_cfg, resume, force)
     train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build)
