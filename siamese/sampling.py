@@ -292,10 +292,12 @@ def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int
                  backgrounds: Sequence[Path] | None = None) -> Iterator[SampledPair]:
     """Generate one image per work item with the mask branch; yields pairs in item order, batch by batch.
 
-    ``model`` is a loaded ``ControlLDM`` on its device (``model.eval()``); ``hint_size`` is the mask resolution the
-    model was trained with (``ExperimentConfig.hint_size``: the image size for an ×8 VAE). Guidance: ``cfg_scale``
-    with the empty prompt and the same hint as unconditional input (as ``ControlLDM.sample``); 1 = the conditional
-    branch only; ``cfg_mask`` adds separate guidance of the mask (``ControlLDM.sample``); ``sampler`` is one of
+    ``model`` is a loaded ``ControlLDM`` on its device (``model.eval()``), or a base ``LatentDiffusion`` (then
+    ``backgrounds`` is required: the mask acts only through background-preserving generation); ``hint_size`` is the
+    mask resolution the model was trained with (``ExperimentConfig.hint_size``: the image size for an ×8 VAE).
+    Guidance: ``cfg_scale`` with the empty prompt and the same hint as unconditional input (as
+    ``ControlLDM.sample``); 1 = the conditional branch only; ``cfg_mask`` adds separate guidance of the mask
+    (``ControlLDM.sample``); ``sampler`` is one of
     ``ldm.solvers.SAMPLERS``; ``backgrounds``: background-preserving generation, each item's image generated inside
     its mask on a background drawn by its seed (``item_background``) and kept outside it. Each pair's noise comes
     from ``torch.Generator().manual_seed(item.seed)`` (drawn on CPU in float32, then moved), text contexts are
@@ -316,6 +318,8 @@ def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}")
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask mode {mask_mode!r} is not one of {list(MASK_MODES)}")
+    if not isinstance(model, ControlLDM) and (not backgrounds or cfg_mask is not None):
+        raise ValueError("a base model without a ControlNet samples pairs only with backgrounds (and no cfg_mask)")
     device = next(model.parameters()).device
     autocast = autocast_context(device, precision)
     contexts = _PromptCache(model)
@@ -331,9 +335,15 @@ def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int
         with autocast:
             prompts = [item.source.prompt for item in padded]
             unconditional = cfg_scale != 1.0 or cfg_mask is not None
-            images = model.sample(_hints(padded_masks, hint_size, device), prompts, steps=steps, cfg_scale=cfg_scale,
-                                  eta=eta, generator=generators, batched_cfg=batched_cfg, context=contexts(prompts),
-                                  uncond_context=contexts([""] * len(prompts)) if unconditional else None,
-                                  sampler=sampler, cfg_mask=cfg_mask, background=bg)
+            hints = _hints(padded_masks, hint_size, device)
+            if isinstance(model, ControlLDM):
+                images = model.sample(hints, prompts, steps=steps, cfg_scale=cfg_scale, eta=eta, generator=generators,
+                                      batched_cfg=batched_cfg, context=contexts(prompts),
+                                      uncond_context=contexts([""] * len(prompts)) if unconditional else None,
+                                      sampler=sampler, cfg_mask=cfg_mask, background=bg)
+            else:  # a base model (no ControlNet): the mask acts through the background only
+                images = model.sample(prompts, hint_size, steps=steps, cfg_scale=cfg_scale, eta=eta,
+                                      generator=generators, batched_cfg=batched_cfg, sampler=sampler, background=bg,
+                                      mask=hints[:, :1])
         for i, (item, mask01, rgb) in enumerate(zip(batch, masks, _to_uint8(images))):
             yield SampledPair(item, rgb, resize_mask(mask01, rgb.shape[:2]), mask01, bg_paths[i] if bg_paths else None)

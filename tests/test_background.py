@@ -123,3 +123,35 @@ def test_cli_background_folder(env, tmp_path, caplog):  # noqa: F811
     assert main(cli(env, tmp_path / "e", "--background", str(tmp_path / "nowhere"))) == 1
     assert "is not a folder" in error_lines(caplog)[0]
     caplog.set_level(logging.INFO)
+
+
+def test_cli_with_a_base_model_needs_backgrounds(env, tmp_path, caplog):  # noqa: F811
+    """A base written by tools.pretrain (no ControlNet; e.g. MedDiff-FT's lesion-focused fine-tune) samples pairs
+    through background-preserving generation only."""
+    from ldm.checkpoint import save_state_dict
+
+    from siamese.config import checkpoint_metadata, load_config
+    from siamese.factory import build_latent_diffusion
+
+    cfg = load_config(TINY)
+    torch.manual_seed(0)
+    base = build_latent_diffusion(cfg.model)
+    with torch.no_grad():
+        for param in base.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.05)
+    ckpt = tmp_path / "base.safetensors"
+    save_state_dict(base.state_dict(), ckpt, metadata=checkpoint_metadata(cfg, "base"))
+    backgrounds = tmp_path / "backgrounds"
+    _write_backgrounds(backgrounds, 2)
+    argv = cli(env, tmp_path / "out", "--batch-size", "3", "--background", str(backgrounds))
+    argv[argv.index("--ckpt") + 1] = str(ckpt)
+    assert run_cli(argv)["generated"] == 6
+    records = manifest_lines(tmp_path / "out")
+    assert len(records) == 6 and all(r["background"] for r in records)
+    caplog.clear()
+    plain = cli(env, tmp_path / "plain", "--batch-size", "3")
+    plain[plain.index("--ckpt") + 1] = str(ckpt)
+    assert main(plain) == 1
+    (message,) = error_lines(caplog)
+    assert "base model without a ControlNet" in message and "--background" in message

@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 
 from siamese.config import (
     METADATA_CONFIG,
+    METADATA_KIND,
     ConfigError,
     ExperimentConfig,
     config_from_metadata,
     config_hash,
     load_config,
 )
-from siamese.factory import build_model, load_weights
+from siamese.factory import build_latent_diffusion, build_model, load_weights
 from siamese.masks import MaskAugment
 from siamese.pairs_io import PairWriter, file_sha256, write_grid
 from siamese.sampling import (
@@ -138,6 +139,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     logger.info("%d masks × %d = %d pairs%s; shard %d/%d: %d pairs, %d already complete, %d to generate",
                 len(sources), args.n_per_mask, len(sources) * args.n_per_mask, limited, *shard, len(items),
                 len(items) - len(todo), len(todo))
+    base_model = read_metadata(args.ckpt).get(METADATA_KIND) == "base"
+    if base_model and not args.background:
+        raise ValueError(f"{args.ckpt} is a base model without a ControlNet (tools.pretrain): it follows a mask only "
+                         "through background-preserving generation; pass --background DIR")
+    if base_model and cfg_mask is not None:
+        raise ValueError(f"--cfg-mask guides the ControlNet's mask hint; {args.ckpt} is a base model without one")
     check_masks(todo)
     logger.info("hashing %s", args.ckpt)
     writer.run_info["ckpt_sha256"] = file_sha256(args.ckpt)
@@ -145,7 +152,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
     seconds = 0.0
     if todo:
-        model = build_model(cfg.model, device)
+        # A base model written by tools.pretrain (e.g. MedDiff-FT's lesion-focused fine-tune) has no ControlNet: it
+        # sees the mask only through background-preserving generation.
+        model = build_latent_diffusion(cfg.model).to(device) if base_model else build_model(cfg.model, device)
         try:
             load_weights(model, args.ckpt, unsafe_pickle=args.unsafe_pickle, map_location=device)
         except CheckpointKeyError as exc:
