@@ -27,6 +27,7 @@ from cldm.controlnet import ControlConfig
 from cldm.hint import HINT_DOWNSAMPLE
 from cldm.lora import LoraSettings
 from siamese.losses import LossWeights
+from siamese.maskgen_config import MaskGenConfig
 from siamese.schedules import SiameseRecipe
 
 
@@ -203,6 +204,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    maskgen: MaskGenConfig = field(default_factory=MaskGenConfig)  # python -m tools.maskgen
 
     @property
     def latent_size(self) -> int:
@@ -330,6 +332,8 @@ def check(cfg: ExperimentConfig, where: str = "config") -> None:
         fail(f"sample.sampler {cfg.sample.sampler!r} is not one of {list(SAMPLERS)}")
     if cfg.sample.cfg_mask is not None and cfg.sample.cfg_mask < 0:
         fail(f"sample.cfg_mask must be >= 0 or null, got {cfg.sample.cfg_mask}")
+    for problem in cfg.maskgen.problems():
+        fail(problem)
 
 
 def stage_config(cfg: ExperimentConfig, stage: str) -> ExperimentConfig:

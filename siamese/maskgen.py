@@ -1,0 +1,227 @@
+"""MedDiff-FT's mask generator (Xie et al., MICCAI 2025): a small pixel-space DDPM over the dataset's binary masks.
+
+A mask ``M ∈ {0, 1}`` is trained as ``x0 = 2M − 1`` with the ε-prediction loss of DDPM (Ho et al. 2020,
+``‖ε_θ(x_t, t) − ε‖²``) on a 1-channel ``ldm.unet.UNetModel`` without attention in its levels; new masks come from
+the DDIM / ODE solvers of ``ldm.solvers`` and are thresholded at ``maskgen.threshold`` of ``(x + 1) / 2``, so every
+output is binary by construction (an empty one is counted, not hidden). ``mask_statistics`` measures what the
+generator learnt: per mask its area fraction, connected components and IoU to the nearest training mask (novelty =
+1 − that IoU: a near-copy scores ≈ 0), and a summary against the training masks' own distribution.
+
+``MaskDDPMModule`` is a ``cldm.lightning.TrainModule``: it trains through ``tools.train.train`` (same trainer,
+strategy, checkpoints, resume and image logger as every other stage), in ``<train.output_dir>/maskgen``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from ldm.schedule import Schedule
+from ldm.solvers import sample
+from ldm.unet import UNetConfig, UNetModel
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from cldm.lightning import StepLoss, TrainModule
+from siamese.config import ExperimentConfig
+from siamese.data import synthetic_pair
+from siamese.maskgen_config import MaskGenConfig
+from siamese.masks import read_mask, resize_mask
+from siamese.sampling import collect_masks
+
+STAGE = "maskgen"  # the run folder under train.output_dir
+
+
+def run_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``train`` with the mask generator's steps, lr and batch size, in ``<train.output_dir>/maskgen``."""
+    m = cfg.maskgen
+    train = replace(cfg.train, total_steps=m.total_steps, lr=m.lr, batch_size=m.batch_size,
+                    output_dir=str(Path(cfg.train.output_dir) / STAGE))
+    return replace(cfg, train=train)
+
+
+def unet_config(cfg: MaskGenConfig) -> UNetConfig:
+    u = cfg.unet
+    return UNetConfig(image_size=cfg.resolution, in_channels=1, out_channels=1, model_channels=u.model_channels,
+                      attention_resolutions=(), num_res_blocks=u.num_res_blocks, channel_mult=tuple(u.channel_mult),
+                      num_heads=u.num_heads, context_dim=u.context_dim, use_checkpoint=u.use_checkpoint,
+                      dropout=u.dropout)
+
+
+def build_denoiser(cfg: MaskGenConfig) -> UNetModel:
+    return UNetModel(unet_config(cfg))
+
+
+def build_schedule(cfg: MaskGenConfig) -> Schedule:
+    return Schedule.from_config(cfg.beta_schedule, cfg.timesteps, cfg.linear_start, cfg.linear_end)
+
+
+def null_context(unet: UNetModel, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """One all-zero token: the middle block's cross-attention (which UNetModel always has) becomes a constant."""
+    return torch.zeros(batch, 1, unet.config.context_dim, device=device, dtype=dtype)
+
+
+def eps(unet: UNetModel, x: Tensor, t: Tensor) -> Tensor:
+    """ε_θ(x_t, t), unconditional; the encoder runs under autograd (the whole network is trained)."""
+    context = null_context(unet, x.shape[0], x.device, x.dtype)
+    return unet(x, t, context, encoder_grad=torch.is_grad_enabled())
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+def folder_masks(folder: str | Path, resolution: int, threshold: int | None = None) -> list[np.ndarray]:
+    """Every mask of a folder (or prompt.json's ``source`` files), binarised and resized to ``resolution``²."""
+    return [resize_mask(read_mask(src.path, threshold), resolution)
+            for src in collect_masks(folder, default_prompt="")]
+
+
+def training_masks(cfg: ExperimentConfig) -> list[np.ndarray]:
+    """The masks the generator learns, {0, 1} at ``maskgen.resolution``: ``data.root``'s (its prompt.json sources,
+    or a folder of masks), or the generated lesion pairs' masks (``data.root: null``, the seed of build_dataset)."""
+    size = cfg.maskgen.resolution
+    if cfg.data.root is None:
+        return [resize_mask(synthetic_pair(i, cfg.data.resolution, seed=cfg.train.seed)[1], size)
+                for i in range(cfg.data.synthetic_samples)]
+    root = Path(cfg.data.root)
+    if root.is_dir() and (root / "prompt.json").is_file():
+        root = root / "prompt.json"
+    return folder_masks(root, size, cfg.data.mask_threshold)
+
+
+class MaskDataset(Dataset):
+    """Items ``{"mask": 1×R×R float in [-1, 1]}`` from {0, 1} masks held in memory (R² bytes each)."""
+
+    def __init__(self, masks: Sequence[np.ndarray]):
+        if not masks:
+            raise ValueError("no training masks")
+        self.masks = np.stack(masks).astype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"mask": torch.from_numpy(self.masks[index]).float()[None] * 2 - 1}
+
+
+# -- training -------------------------------------------------------------------------------------------------------
+class MaskDDPMModule(TrainModule):
+    """Trains ``unet`` (every parameter) with ``‖ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t) − ε‖²``, t uniform in [0, T)."""
+
+    def __init__(self, unet: UNetModel, schedule: Schedule, *, lr: float, threshold: float = 0.5):
+        super().__init__(lr)
+        self.unet = unet.requires_grad_(True).train()
+        self.threshold = threshold
+        self._schedule = schedule  # plain tensors, not module state: rebuilt from the config, never checkpointed
+
+    def schedule(self, device: torch.device) -> Schedule:
+        if self._schedule.device != device:
+            self._schedule = self._schedule.to(device)
+        return self._schedule
+
+    def step_loss(self, batch: dict, step: int) -> StepLoss:
+        x0 = batch["mask"].float()
+        schedule = self.schedule(x0.device)
+        t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        x_t = schedule.q_sample(x0, t, noise).to(self.unet.dtype)
+        per_sample = (eps(self.unet, x_t, t).float() - noise).pow(2).flatten(1).mean(1)
+        return StepLoss(per_sample.mean(), {"loss_simple": per_sample}, {})
+
+    @torch.no_grad()
+    def image_columns(self, samples: dict, *, steps: int, cfg_scale: float, generator: torch.Generator,
+                      sampler: str = "ddim") -> list[Tensor]:
+        """training masks | generated masks (as many, binarised), gray as RGB in [-1, 1]."""
+        masks = samples["mask"]
+        was_training = self.unet.training
+        self.unet.eval()
+        generated = sample_masks(self.unet, self.schedule(masks.device), masks.shape[0], masks.shape[-1],
+                                 steps=steps, generator=generator, sampler=sampler, threshold=self.threshold)
+        self.unet.train(was_training)
+        fake = torch.from_numpy(generated).to(masks.device).float()[:, None] * 2 - 1
+        return [masks.repeat(1, 3, 1, 1), fake.repeat(1, 3, 1, 1)]
+
+
+# -- sampling -------------------------------------------------------------------------------------------------------
+def mask_seed(seed: int, index: int) -> int:
+    """The seed of generated mask ``index``: a SHA-256 of (seed, index), independent of batching and sharding."""
+    digest = hashlib.sha256(f"{int(seed)}\x00maskgen\x00{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def sample_masks(unet: UNetModel, schedule: Schedule, n: int, resolution: int, *, steps: int = 50,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None, sampler: str = "ddim",
+                 threshold: float = 0.5) -> np.ndarray:
+    """``n`` masks (n×R×R uint8 {0, 1}): the solver's x0 thresholded at ``threshold`` of ``(x + 1) / 2``. A list
+    of generators (one per mask) makes each mask independent of the batch it is drawn in."""
+    device = next(unet.parameters()).device
+    schedule = schedule.to(device)
+
+    def denoise(x: Tensor, t: Tensor, cond: object) -> Tensor:
+        return eps(unet, x, t)
+
+    x = sample(sampler, denoise, (n, 1, resolution, resolution), None, schedule, steps=steps, generator=generator,
+               device=device, dtype=unet.dtype)
+    return ((x.float()[:, 0] + 1) / 2 > threshold).to(torch.uint8).cpu().numpy()
+
+
+# -- statistics -----------------------------------------------------------------------------------------------------
+def components(mask01: np.ndarray) -> int:
+    """8-connected foreground components."""
+    return int(cv2.connectedComponents(mask01.astype(np.uint8), connectivity=8)[0]) - 1
+
+
+def nearest_iou(generated: np.ndarray, training: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """For each generated mask, the highest IoU with any training mask (two empty masks: IoU 1)."""
+    train = torch.from_numpy(training.reshape(len(training), -1).astype(np.float32))
+    train_area = train.sum(1)
+    best = []
+    for i in range(0, len(generated), chunk):
+        gen = torch.from_numpy(generated[i:i + chunk].reshape(-1, train.shape[1]).astype(np.float32))
+        inter = gen @ train.T
+        union = gen.sum(1, keepdim=True) + train_area[None] - inter
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+        best.append(iou.max(1).values)
+    return torch.cat(best).numpy().astype(np.float64)
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {}
+    q = np.quantile(values, [0.05, 0.5, 0.95])
+    return {"mean": float(values.mean()), "std": float(values.std()), "p05": float(q[0]), "median": float(q[1]),
+            "p95": float(q[2])}
+
+
+def _histogram(counts: np.ndarray) -> dict[str, float]:
+    """Share of masks with 0, 1, 2, 3 and ≥ 4 components."""
+    bins = np.minimum(counts, 4)
+    return {("4+" if k == 4 else str(k)): float((bins == k).mean()) for k in range(5)}
+
+
+def mask_statistics(generated: np.ndarray, training: np.ndarray) -> tuple[list[dict], dict]:
+    """(per generated mask: area, components, nearest_train_iou, novelty; summary vs the training masks)."""
+    if generated.shape[1:] != training.shape[1:]:
+        raise ValueError(f"generated masks are {generated.shape[1:]}, training masks {training.shape[1:]}")
+    area_gen = generated.reshape(len(generated), -1).mean(1)
+    area_train = training.reshape(len(training), -1).mean(1)
+    comp_gen = np.array([components(m) for m in generated])
+    comp_train = np.array([components(m) for m in training])
+    iou = nearest_iou(generated, training)
+    per_mask = [{"area": float(a), "components": int(c), "nearest_train_iou": round(float(i), 6),
+                 "novelty": round(1.0 - float(i), 6)} for a, c, i in zip(area_gen, comp_gen, iou)]
+    summary = {
+        "generated": len(generated), "training": len(training), "resolution": int(generated.shape[-1]),
+        "empty_generated": int((area_gen == 0).sum()), "empty_training": int((area_train == 0).sum()),
+        "area": {"generated": _summary(area_gen), "training": _summary(area_train)},
+        "components": {"generated": {**_summary(comp_gen.astype(float)), "histogram": _histogram(comp_gen)},
+                       "training": {**_summary(comp_train.astype(float)), "histogram": _histogram(comp_train)}},
+        "nearest_train_iou": _summary(iou),
+        "near_copies": int((iou > 0.9).sum()),  # IoU > 0.9 with some training mask: memorised rather than new
+    }
+    return per_mask, summary

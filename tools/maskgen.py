@@ -1,0 +1,173 @@
+"""``python -m tools.maskgen``: train MedDiff-FT's mask generator (a small DDPM over binary masks) and sample masks.
+
+    python -m tools.maskgen train --config configs/maskgen_tiny.yaml --out models/maskgen_tiny.safetensors  # CPU
+    python -m tools.maskgen train --config configs/siamese_sd15.yaml data.root=data/kvasir \\
+        --out models/maskgen.safetensors                                     # the paper's size (256², 64..512 wide)
+    python -m tools.maskgen sample --ckpt models/maskgen_tiny.safetensors --out gen_masks --n 200 --seed 0
+    python tutorial_inference.py --ckpt merged.safetensors --masks gen_masks/masks --out pairs   # pairs from them
+
+``train`` runs ``tools.train.train`` (Lightning, DeepSpeed, checkpoints, ``--resume latest``) with the ``maskgen``
+section's steps, lr and batch size in ``<train.output_dir>/maskgen``, then writes the trained UNet's fp32 weights
+with the resolved config in the metadata. ``sample`` takes everything from that metadata: it writes
+``OUT/masks/gen_000000.png`` … (exactly 0/255), ``OUT/manifest.jsonl`` (name, seed, area, components, IoU to the
+nearest training mask) and ``OUT/statistics.json`` (the generated masks against the training masks: those of the
+config's data, or ``--train-masks DIR``), into a temporary folder renamed at the end. Each mask has its own seed
+(SHA-256 of ``--seed`` and its index), so the output does not depend on ``--batch-size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from ldm.checkpoint import load_state_dict, load_strict, read_metadata, save_state_dict
+from ldm.unet import UNetModel
+
+import numpy as np
+import torch
+
+from siamese.config import ConfigError, ExperimentConfig, checkpoint_metadata, config_from_metadata, load_config
+from siamese.maskgen import (
+    MaskDataset,
+    MaskDDPMModule,
+    build_denoiser,
+    build_schedule,
+    folder_masks,
+    mask_seed,
+    mask_statistics,
+    run_config,
+    sample_masks,
+    training_masks,
+)
+from siamese.masks import mask_to_png
+from siamese.pairs_io import write_png_atomic
+from tools._cli import add_common_flags, check_output, check_output_dir, make_parser, run
+from tools.pretrain import _consolidated, _stage_run
+from tools.train import train
+
+logger = logging.getLogger("siamese.maskgen")
+KIND = "maskgen"
+
+
+def train_maskgen(cfg_path: Path, overrides: list[str], out: Path, *, resume: str | None, force: bool,
+                  unsafe_pickle: bool) -> Path:
+    cfg = load_config(cfg_path, overrides)
+    check_output(out, force=force)
+    if cfg.data.root is not None and not Path(cfg.data.root).exists():
+        raise FileNotFoundError(f"data.root not found: {cfg.data.root}")
+    stage_cfg = run_config(cfg)
+
+    def build(c: ExperimentConfig) -> tuple[MaskDDPMModule, MaskDataset]:
+        module = MaskDDPMModule(build_denoiser(cfg.maskgen), build_schedule(cfg.maskgen), lr=cfg.maskgen.lr,
+                                threshold=cfg.maskgen.threshold)
+        return module, MaskDataset(training_masks(cfg))
+
+    stage_resume, stage_force = _stage_run(stage_cfg, resume, force)
+    train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build)
+    weights = _consolidated(stage_cfg, "unet.", unsafe_pickle=unsafe_pickle)
+    load_strict(build_denoiser(cfg.maskgen), weights).raise_if_bad("mask generator")
+    save_state_dict(weights, out, metadata=checkpoint_metadata(cfg, KIND), overwrite=True)
+    logger.info("mask generator: %s. Next: python -m tools.maskgen sample --ckpt %s --out DIR --n N", out, out)
+    return out
+
+
+def load_maskgen(ckpt: Path, device: str = "cpu") -> tuple[ExperimentConfig, UNetModel]:
+    """(config, denoiser in eval mode) from a ``train`` output."""
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--ckpt not found: {ckpt}")
+    meta = read_metadata(ckpt)
+    cfg = config_from_metadata(meta, str(ckpt))
+    if cfg is None or meta.get("siamese.kind") != KIND:
+        raise ConfigError(f"{ckpt} is not a mask generator of python -m tools.maskgen train (no maskgen config)")
+    unet = build_denoiser(cfg.maskgen)
+    load_strict(unet, load_state_dict(ckpt)).raise_if_bad(str(ckpt))
+    return cfg, unet.to(device).eval()
+
+
+def sample_folder(ckpt: Path, out: Path, n: int, *, seed: int = 0, steps: int | None = None, batch_size: int = 16,
+                  train_masks: Path | None = None, force: bool = False, device: str = "cpu") -> dict:
+    """Sample ``n`` masks into ``out`` (see the module docstring); returns the statistics summary."""
+    if n <= 0 or batch_size <= 0:
+        raise ValueError(f"--n and --batch-size must be > 0, got {n}, {batch_size}")
+    check_output_dir(out, force=force)
+    cfg, unet = load_maskgen(ckpt, device)
+    m = cfg.maskgen
+    reference = (folder_masks(train_masks, m.resolution) if train_masks is not None else training_masks(cfg))
+    schedule = build_schedule(m)
+    seeds = [mask_seed(seed, i) for i in range(n)]
+    chunks = []
+    for start in range(0, n, batch_size):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
+        chunks.append(sample_masks(unet, schedule, len(gens), m.resolution, steps=steps or m.sample_steps,
+                                   generator=gens, sampler=cfg.sample.sampler, threshold=m.threshold))
+        logger.info("sampled %d / %d masks", start + len(gens), n)
+    generated = np.concatenate(chunks)
+    per_mask, summary = mask_statistics(generated, np.stack(reference))
+    summary.update({"seed": seed, "steps": steps or m.sample_steps, "sampler": cfg.sample.sampler,
+                    "checkpoint": str(ckpt)})
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "masks").mkdir(parents=True)
+    with open(tmp / "manifest.jsonl", "w", encoding="utf-8") as manifest:
+        for i, (mask, stats) in enumerate(zip(generated, per_mask)):
+            name = f"gen_{i:06d}"
+            write_png_atomic(tmp / "masks" / f"{name}.png", mask_to_png(mask))
+            manifest.write(json.dumps({"name": name, "seed": seeds[i], **stats}) + "\n")
+    (tmp / "statistics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    if summary["empty_generated"]:
+        logger.warning("%d of %d generated masks are empty (kept, listed in the manifest with area 0)",
+                       summary["empty_generated"], n)
+    logger.info("%d masks in %s: area %.3f (training %.3f), nearest-train IoU %.3f, %d near copies", n, out,
+                summary["area"]["generated"]["mean"], summary["area"]["training"]["mean"],
+                summary["nearest_train_iou"]["mean"], summary["near_copies"])
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = make_parser("python -m tools.maskgen", __doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the mask DDPM through the common trainer")
+    t.add_argument("--config", type=Path, required=True, help="experiment YAML (e.g. configs/maskgen_tiny.yaml)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. maskgen.total_steps=50")
+    t.add_argument("--out", type=Path, required=True, help="the mask generator (.safetensors)")
+    t.add_argument("--resume", metavar="latest", help="continue from the newest checkpoint")
+    t.add_argument("--force", action="store_true", help="restart the run and overwrite --out")
+    add_common_flags(t)
+    s = sub.add_parser("sample", help="sample binary masks from a trained generator")
+    s.add_argument("--ckpt", type=Path, required=True, help="output of `train`")
+    s.add_argument("--out", type=Path, required=True, help="output folder (masks/, manifest.jsonl, statistics.json)")
+    s.add_argument("--n", type=int, required=True, help="number of masks")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, help="solver steps (default: maskgen.sample_steps)")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--train-masks", type=Path, help="folder of masks to compare with (default: the config's data)")
+    s.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
+    s.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_common_flags(s)
+    return p.parse_args(argv)
+
+
+def _body(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        if args.resume not in (None, "latest"):
+            raise ConfigError("--resume takes 'latest'")
+        train_maskgen(args.config, args.overrides, args.out, resume=args.resume, force=args.force,
+                      unsafe_pickle=args.unsafe_pickle)
+    else:
+        sample_folder(args.ckpt, args.out, args.n, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+                      train_masks=args.train_masks, force=args.force, device=args.device)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(_body, parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
