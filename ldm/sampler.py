@@ -126,6 +126,20 @@ def background_denoiser(fn: DenoiseFn, background: Tensor, region: Tensor, alpha
     return denoise_background
 
 
+def clipped_denoiser(fn: DenoiseFn, alphas_cumprod: Tensor, low: float = -1.0, high: float = 1.0) -> DenoiseFn:
+    """The data prediction clipped to ``[low, high]``, as pixel-space DDPM samples (Ho et al. 2020, the
+    ``clip_denoised`` of their sampler): returns the ε whose ``x̂0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t`` is the clipped one,
+    so every sampler on this protocol gets it. For data known to lie in a range (binary masks in {−1, 1})."""
+
+    def denoise_clipped(x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        eps = fn(x, t, cond).float()
+        a = alphas_cumprod.to(x.device)[t].float().view(-1, *([1] * (x.dim() - 1)))
+        x0 = ((x.float() - (1.0 - a).sqrt() * eps) / a.sqrt()).clamp(low, high)
+        return ((x.float() - a.sqrt() * x0) / (1.0 - a).sqrt()).to(x.dtype)
+
+    return denoise_clipped
+
+
 Generators = torch.Generator | Sequence[torch.Generator] | None
 """One generator for the whole batch, one per sample (row ``i`` of every draw comes from ``generator[i]``, so a
 sample's noise does not depend on the batch it is in), or None for the global RNG."""

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from ldm.sampler import clipped_denoiser
 from ldm.schedule import Schedule
 from ldm.solvers import sample
 from ldm.unet import UNetConfig, UNetModel
@@ -165,8 +166,9 @@ def sample_masks(unet: UNetModel, schedule: Schedule, n: int, resolution: int, *
     def denoise(x: Tensor, t: Tensor, cond: object) -> Tensor:
         return eps(unet, x, t)
 
-    x = sample(sampler, denoise, (n, 1, resolution, resolution), None, schedule, steps=steps, generator=generator,
-               device=device, dtype=unet.dtype)
+    # Masks live in {−1, 1}: x̂0 clipped to that range at every step, as pixel-space DDPM samples.
+    x = sample(sampler, clipped_denoiser(denoise, schedule.alphas_cumprod), (n, 1, resolution, resolution), None,
+               schedule, steps=steps, generator=generator, device=device, dtype=unet.dtype)
     return ((x.float()[:, 0] + 1) / 2 > threshold).to(torch.uint8).cpu().numpy()
 
 

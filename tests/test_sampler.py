@@ -202,3 +202,23 @@ def test_dtype_device_and_x_T_validation(sched: Schedule) -> None:
     torch.testing.assert_close(out.float(), out32, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="x_T has shape"):
         ddim_sample(toy_eps, SHAPE, None, sched, x_T=torch.zeros(1, 4, 8, 8))
+
+
+def test_clipped_denoiser_clamps_the_data_prediction():
+    from ldm.sampler import clipped_denoiser
+
+    sched = Schedule.from_config("linear", 1000, 1e-4, 2e-2)
+    ac = sched.alphas_cumprod
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 3
+    t = torch.tensor([10, 500, 990])
+
+    def wild(x_t, t_batch, cond):  # an ε whose x̂0 lies far outside [-1, 1]
+        a = ac[t_batch].view(-1, 1, 1, 1)
+        return (x_t - a.sqrt() * 5.0) / (1 - a).sqrt()
+
+    eps = clipped_denoiser(wild, ac)(x, t, None)
+    a = ac[t].view(-1, 1, 1, 1)
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    torch.testing.assert_close(x0, torch.ones_like(x0), rtol=0, atol=1e-4)
+    inside = clipped_denoiser(lambda x_t, tb, c: torch.zeros_like(x_t), ac)(x * 1e-4, t, None)
+    torch.testing.assert_close(inside, torch.zeros_like(inside), rtol=0, atol=1e-5)  # x̂0 in range: unchanged
