@@ -45,7 +45,7 @@ from siamese.maskgen import (
 from siamese.masks import mask_to_png
 from siamese.pairs_io import write_png_atomic
 from tools._cli import add_common_flags, check_output, check_output_dir, make_parser, run
-from tools.pretrain import _consolidated, _stage_run
+from tools.pretrain import consolidated_weights, stage_run
 from tools.train import train
 
 logger = logging.getLogger("siamese.maskgen")
@@ -65,9 +65,9 @@ def train_maskgen(cfg_path: Path, overrides: list[str], out: Path, *, resume: st
                                 threshold=cfg.maskgen.threshold)
         return module, MaskDataset(training_masks(cfg))
 
-    stage_resume, stage_force = _stage_run(stage_cfg, resume, force)
+    stage_resume, stage_force = stage_run(stage_cfg, resume, force)
     train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build)
-    weights = _consolidated(stage_cfg, "unet.", unsafe_pickle=unsafe_pickle)
+    weights = consolidated_weights(stage_cfg, "unet.", unsafe_pickle=unsafe_pickle)
     load_strict(build_denoiser(cfg.maskgen), weights).raise_if_bad("mask generator")
     save_state_dict(weights, out, metadata=checkpoint_metadata(cfg, KIND), overwrite=True)
     logger.info("mask generator: %s. Next: python -m tools.maskgen sample --ckpt %s --out DIR --n N", out, out)

@@ -61,7 +61,7 @@ def stage_result(cfg: ExperimentConfig, stage: str) -> Path:
     return Path(cfg.train.output_dir) / STAGE_FILES[stage]
 
 
-def _stage_run(stage_cfg: ExperimentConfig, resume: str | None, force: bool) -> tuple[str | None, bool]:
+def stage_run(stage_cfg: ExperimentConfig, resume: str | None, force: bool) -> tuple[str | None, bool]:
     """(resume, force) for one stage: ``--resume latest`` continues a stage that has a checkpoint and starts one that
     has none (a stage killed before its first checkpoint starts over)."""
     has_checkpoint = find_latest_checkpoint(checkpoint_dir(stage_cfg), warn=False) is not None
@@ -77,7 +77,7 @@ def _init_weights(cfg: ExperimentConfig, unsafe_pickle: bool) -> dict[str, torch
     return load_state_dict(cfg.train.init_ckpt, unsafe_pickle=unsafe_pickle)
 
 
-def _consolidated(stage_cfg: ExperimentConfig, prefix: str, *, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
+def consolidated_weights(stage_cfg: ExperimentConfig, prefix: str, *, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
     """The newest checkpoint of a finished stage → fp32 weights under SD1.5 names (optimizer master weights)."""
     ckpt = find_latest_checkpoint(checkpoint_dir(stage_cfg))
     if ckpt is None:
@@ -105,9 +105,9 @@ def pretrain_autoencoder(cfg: ExperimentConfig, *, resume: str | None, force: bo
                                    perceptual_weight=ae.perceptual_weight)
         return module, build_image_dataset(c)
 
-    stage_resume, stage_force = _stage_run(stage_cfg, resume, force)
+    stage_resume, stage_force = stage_run(stage_cfg, resume, force)
     train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build)
-    weights = _consolidated(stage_cfg, "", unsafe_pickle=unsafe_pickle)
+    weights = consolidated_weights(stage_cfg, "", unsafe_pickle=unsafe_pickle)
     first_stage.load_state_dict(filter_prefix(weights, FIRST_STAGE_PREFIX))
     scale = cfg.model.first_stage.scale_factor
     if ae.calibrate_samples > 0:
@@ -162,9 +162,9 @@ def pretrain_unet(cfg: ExperimentConfig, first_stage: dict[str, torch.Tensor], *
         # The masked (MedDiff-FT) losses need image-mask pairs; plain pretraining takes any images.
         return module, build_image_dataset(c) if unet_cfg.loss_region == "all" else build_dataset(c)
 
-    stage_resume, stage_force = _stage_run(stage_cfg, resume, force)
+    stage_resume, stage_force = stage_run(stage_cfg, resume, force)
     train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build)
-    weights = _consolidated(stage_cfg, "net.", unsafe_pickle=unsafe_pickle)
+    weights = consolidated_weights(stage_cfg, "net.", unsafe_pickle=unsafe_pickle)
     with torch.device("meta"):
         expected = build_latent_diffusion(cfg.model).state_dict()
     check_against_model(weights, expected, "pretrained base")
