@@ -22,17 +22,12 @@ import shutil
 from pathlib import Path
 
 from siamese.masks import EROSION_KERNELS, erode_mask, mask_erodes, mask_to_png, read_mask
-from siamese.pairs_io import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, read_manifest, write_png_atomic
+from siamese.pairs_io import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, link_or_copy, read_manifest, write_png_atomic
 from tools._cli import check_output_dir, make_parser, run
 
 logger = logging.getLogger("siamese.erode_masks")
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not supported
-        shutil.copy2(src, dst)
 
 
 def erode_folder(src: Path, out: Path, pixels: int, kernel: str) -> dict[str, int]:
@@ -57,7 +52,7 @@ def erode_folder(src: Path, out: Path, pixels: int, kernel: str) -> dict[str, in
         mask01 = read_mask(mask_file, threshold=127)
         changed = mask_erodes(mask01, pixels, kernel)
         write_png_atomic(tmp / record["mask"], mask_to_png(erode_mask(mask01, pixels, kernel)))
-        _link_or_copy(image, tmp / record["image"])
+        link_or_copy(image, tmp / record["image"])
         lines.append(json.dumps({**record, "erode": pixels, "erode_kernel": kernel, "mask_eroded": changed,
                                  "eroded_from": str(src)}))
         counts["pairs"] += 1

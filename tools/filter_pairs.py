@@ -26,18 +26,13 @@ from pathlib import Path
 
 from siamese.evaluation.features import load_feature_extractor, read_dataset_images
 from siamese.evaluation.filtering import default_band, judge
-from siamese.pairs_io import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, read_manifest
+from siamese.pairs_io import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, link_or_copy, read_manifest
 from tools._cli import check_output_dir, make_parser, run
 
 logger = logging.getLogger("siamese.filter_pairs")
 REPORT_NAME = "filter_report.json"
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,8 +89,8 @@ def _body(args: argparse.Namespace) -> int:
     lines = []
     for name in kept:
         record = records[name]
-        _link_or_copy(src / record["image"], tmp / record["image"])
-        _link_or_copy(src / record["mask"], tmp / record["mask"])
+        link_or_copy(src / record["image"], tmp / record["image"])
+        link_or_copy(src / record["mask"], tmp / record["mask"])
         lines.append(json.dumps({**record, "filter_similarity": by_name[name].similarity, "filtered_from": str(src)}))
     (tmp / MANIFEST_NAME).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     report = {"source": str(src), "real": str(args.real), "features": args.features,

@@ -16,17 +16,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from siamese.evaluation.quality import unit_rows
 
-def unit_rows(features: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    if not np.all(norms > 0):
+
+def _unit(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, np.float64)
+    if not np.all(np.linalg.norm(features, axis=1) > 0):
         raise ValueError("a feature vector is all zeros: cosine similarity is undefined")
-    return features / norms
+    return unit_rows(features)
 
 
 def nearest_similarity(queries: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cosine similarity of every query to its nearest reference, and that reference's index."""
-    sims = unit_rows(np.asarray(queries, np.float64)) @ unit_rows(np.asarray(references, np.float64)).T
+    sims = _unit(queries) @ _unit(references).T
     index = sims.argmax(axis=1)
     return sims[np.arange(len(queries)), index], index
 
@@ -35,7 +37,7 @@ def real_leave_one_out(real: np.ndarray) -> np.ndarray:
     """Each real image's similarity to its nearest *other* real image."""
     if len(real) < 2:
         raise ValueError(f"the filter's default band needs at least 2 real images, got {len(real)}")
-    unit = unit_rows(np.asarray(real, np.float64))
+    unit = _unit(real)
     sims = unit @ unit.T
     np.fill_diagonal(sims, -np.inf)
     return sims.max(axis=1)

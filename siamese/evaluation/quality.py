@@ -195,13 +195,14 @@ def kernel_inception_distance(feats_a: Any, feats_b: Any, subsets: int = 100, su
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _unit_rows(feats: np.ndarray) -> np.ndarray:
+def unit_rows(feats: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (cosine similarity = dot product)."""
     norms = np.linalg.norm(feats, axis=1, keepdims=True)
     return feats / np.maximum(norms, 1e-12)
 
 
 def _mean_pairwise_cosine(feats: np.ndarray) -> float:
-    unit = _unit_rows(feats)
+    unit = unit_rows(feats)
     sim = unit @ unit.T
     n = len(feats)
     return float((n * n - sim.sum()) / (n * (n - 1)))  # mean of 1 − cos over ordered pairs i ≠ j (diagonal = 1)
@@ -373,7 +374,7 @@ def memorisation(synthetic_images: Sequence[ImageLike], training_images: Sequenc
     t_pix = pixel_vectors(training_images, pixel_size) if training_pixels is None else np.asarray(training_pixels)
     if s_pix.shape[1] != t_pix.shape[1] or len(s_pix) != len(s_feat) or len(t_pix) != len(t_feat):
         raise ValueError(f"memorisation: pixel arrays {s_pix.shape} and {t_pix.shape} do not fit the images")
-    s_unit, t_unit = _unit_rows(s_feat), _unit_rows(t_feat)
+    s_unit, t_unit = unit_rows(s_feat), unit_rows(t_feat)
     matches = []
     for start in range(0, len(s_feat), chunk):
         stop = min(start + chunk, len(s_feat))
