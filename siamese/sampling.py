@@ -231,10 +231,13 @@ def _to_uint8(images: Tensor) -> np.ndarray:
 
 
 def collect_backgrounds(folder: str | Path) -> list[Path]:
-    """The background images of a folder (sorted by name), for background-preserving generation."""
+    """The background images of a folder (sorted by name), for background-preserving generation; a folder with an
+    ``images/`` subfolder (``tools.repair_backgrounds``' output, a pairs folder) means its images."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"backgrounds: {root} is not a folder")
+    if (root / "images").is_dir():
+        root = root / "images"
     paths = sorted(p for p in root.iterdir() if p.suffix.lower() in MASK_SUFFIXES and p.is_file())
     if not paths:
         raise FileNotFoundError(f"backgrounds: no image files ({', '.join(MASK_SUFFIXES)}) in {root}")

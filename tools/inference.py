@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="save each pair at its source mask's size (image resized; mask = the source mask) instead "
                          "of the model resolution")
     io.add_argument("--background", type=Path, metavar="DIR",
-                    help="background-preserving generation (MedDiff-FT eq. 2): a folder of background images; each "
+                    help="background-preserving generation (MedDiff-FT eq. 2): a folder of background images (or with "
+                         "images/: tools.repair_backgrounds' output); each "
                          "pair is generated inside its mask on a background drawn by its seed and keeps it outside")
     io.add_argument("--erode", type=int, default=0, metavar="K",
                     help="erode the saved masks by K pixels (MedDiff-FT's mask corrosion; a mask erosion would empty "
