@@ -70,3 +70,33 @@ def test_cli_keeps_a_usable_folder_and_reports_every_pair(env, base_out, tmp_pat
     assert len(errors) == 3 and all("\n" not in e for e in errors)
     assert "keeps no pair" in errors[0] and "exists" in errors[1] and "weights" in errors[2]
     assert not empty.exists() and not (tmp_path / "empty.partial").exists()
+
+
+def test_first_stage_tower_from_a_framework_checkpoint(tmp_path):
+    """``first_stage``: the VAE encoder of the shipped base as a feature tower (deterministic, image-dependent); a
+    file without this framework's config is refused in one line."""
+    from pathlib import Path
+
+    from ldm.checkpoint import save_state_dict
+
+    import numpy as np
+    import pytest
+    import torch
+
+    from siamese.data import synthetic_pair
+    from siamese.evaluation.features import load_feature_extractor
+
+    shipped = Path(__file__).resolve().parents[1] / "data" / "pretrained" / "base_tiny.safetensors"
+    tower = load_feature_extractor("first_stage", shipped)
+    assert tower.input_size == (64, 64)
+    images = [synthetic_pair(i, 64)[0] for i in range(3)]
+    feats = tower.features(images + images[:1], progress=False)
+    assert feats.shape == (4, tower.dim) and np.isfinite(feats).all()
+    np.testing.assert_array_equal(feats[0], feats[3])
+    assert not np.allclose(feats[0], feats[1])
+    bare = tmp_path / "bare.safetensors"
+    save_state_dict({"x": torch.zeros(1)}, bare)
+    with pytest.raises(ValueError, match="carries no config"):
+        load_feature_extractor("first_stage", bare)
+    with pytest.raises(ValueError, match="needs weights"):
+        load_feature_extractor("first_stage")

@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--real", type=Path, required=True, help="the real images: prompt.json dataset or image folder")
     p.add_argument("--out", type=Path, required=True, help="new folder for the kept pairs and the report")
     p.add_argument("--features", default="timm:vit_small_patch14_dinov2.lvd142m",
-                   help="feature tower (default: DINOv2 ViT-S/14 through timm; needs --weights)")
+                   help="feature tower (default: DINOv2 ViT-S/14 through timm; needs --weights); also "
+                        "torchvision:ARCH, open_clip:MODEL, or first_stage with --weights = a base or merged "
+                        "checkpoint of this framework (its VAE encoder: the domain's own features)")
     p.add_argument("--weights", type=Path, help="local weight file of the feature tower")
     p.add_argument("--image-size", type=int, help="input size of the tower (default: its own)")
     p.add_argument("--low", type=float, help="keep similarities >= LOW (default: the --low-quantile of the real "

@@ -7,6 +7,9 @@ vectors, feature extractors from local weight files, and the readers of sampling
   ``timm:<name>`` (``num_classes=0``) and ``open_clip:<model>`` (the image tower alone, built from the model's config;
   OpenAI CLIP's normalisation unless ``mean_std`` says otherwise); each from a local weight file read with
   ``ldm.checkpoint.load_state_dict`` (safetensors or ``weights_only`` pickles).
+* ``first_stage``: the VAE encoder of a checkpoint of this framework (a ``tools.pretrain`` base or a merged model),
+  channel means, standard deviations and 2×2-pooled means of its last feature map: a domain tower when no
+  pretrained one is at hand (weaker than DINOv2, but trained on the user's own images).
 * ``tiny``: a seeded random network for tests only; its features mean nothing.
 
 Nothing here ever downloads weights. Images enter as uint8 RGB H×W×3 arrays or image paths; every extractor resizes to
@@ -301,6 +304,50 @@ def _open_clip(name: str, weights: Path, spec: str, image_size: int | None) -> F
                             tuple(open_clip.OPENAI_DATASET_STD))
 
 
+class _FirstStageFeatures(nn.Module):
+    """The VAE encoder trunk of a framework checkpoint (down levels and middle block, before the latent projection)
+    → per channel its spatial mean and standard deviation (texture statistics) and its 2×2-pooled means (layout)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: Tensor) -> Tensor:
+        enc = self.encoder
+        h = enc.conv_in(x)
+        for level in enc.down:
+            h = level.run_blocks(h)
+            if level.downsample is not None:
+                h = level.downsample(h)
+        h = enc.mid(h)
+        layout = nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)
+        return torch.cat([h.mean((2, 3)), h.std((2, 3)), layout], dim=1)
+
+
+def _first_stage(weights: Path, spec: str, image_size: int | None) -> FeatureExtractor:
+    """``first_stage``: the domain's own VAE encoder from a checkpoint of this framework (a ``tools.pretrain`` base
+    or a merged model: its config is in the metadata), when no pretrained image tower is at hand."""
+    from ldm.autoencoder import AutoencoderKL
+    from ldm.checkpoint import read_metadata
+
+    from siamese.config import config_from_metadata
+    from siamese.factory import build_first_stage
+
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"{spec}: weights file not found: {weights}")
+    cfg = config_from_metadata(read_metadata(weights), str(weights))
+    if cfg is None:
+        raise ValueError(f"{spec}: {weights} carries no config in its metadata (a tools.pretrain base or a merged "
+                         "checkpoint of this framework is needed)")
+    vae = build_first_stage(cfg.model.first_stage)
+    if not isinstance(vae, AutoencoderKL):
+        raise ValueError(f"{spec}: {weights} has no VAE (model.first_stage.kind is {cfg.model.first_stage.kind})")
+    _load_into(vae, filter_prefix(load_state_dict(weights), "first_stage_model"), spec, weights)
+    size = image_size or cfg.data.resolution
+    # The VAE sees images in [-1, 1]: (x / 255 − 0.5) / 0.5.
+    return FeatureExtractor(spec, _FirstStageFeatures(vae.encoder), (size, size))
+
+
 _TOWERS: dict[str, Callable[[str, Path, str, int | None], FeatureExtractor]] = {
     "torchvision": _torchvision,
     "timm": _timm,
@@ -314,7 +361,8 @@ def load_feature_extractor(spec: str, weights: str | Path | None = None, *, devi
     """The feature extractor ``spec`` with weights from the local file ``weights`` (never downloaded).
 
     ``inception`` (FID's Inception-v3, 2048-d, needs torch-fidelity's weight file), ``torchvision:<arch>``,
-    ``timm:<name>``, ``open_clip:<model>`` (domain towers, need their state dict), or ``tiny`` (seeded random
+    ``timm:<name>``, ``open_clip:<model>`` (domain towers, need their state dict), ``first_stage`` (the VAE encoder
+    of a base or merged checkpoint of this framework: weights = that checkpoint), or ``tiny`` (seeded random
     network, tests only, no weights). ``image_size`` overrides a tower's square input size and ``mean_std`` its
     per-channel input normalisation (ImageNet's for torchvision, timm's config, OpenAI CLIP's for open_clip).
     """
@@ -329,10 +377,14 @@ def load_feature_extractor(spec: str, weights: str | Path | None = None, *, devi
         model = _random_inception()
         _load_into(model, load_state_dict(weights), spec, Path(weights))
         return FeatureExtractor(spec, model, (INCEPTION_SIZE, INCEPTION_SIZE), uint8_input=True, device=device)
+    if spec == "first_stage":
+        if weights is None:
+            raise ValueError("first_stage: needs weights=PATH, a base or merged checkpoint of this framework")
+        return _first_stage(Path(weights), spec, image_size).to(device)
     family, _, name = spec.partition(":")
     if family not in _TOWERS or not name:
         raise ValueError(f"unknown feature extractor {spec!r} (expected inception, torchvision:<arch>, timm:<name>, "
-                         f"open_clip:<model> or tiny)")
+                         f"open_clip:<model>, first_stage or tiny)")
     if weights is None:
         raise ValueError(f"{spec}: needs weights=PATH, a local state-dict file (nothing is downloaded)")
     extractor = _TOWERS[family](name, Path(weights), spec, image_size).to(device)
