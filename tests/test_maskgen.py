@@ -131,3 +131,27 @@ def test_image_columns_and_loss() -> None:
     columns = module.image_columns(batch, steps=2, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
     assert [c.shape for c in columns] == [(2, 3, 32, 32)] * 2
     assert set(columns[1].unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_ema_weights_are_the_output(tmp_path: Path) -> None:
+    """With train.ema.enabled the generator file holds the EMA weights (what DDPM samples from), not the last
+    optimizer step's."""
+    from ldm.checkpoint import load_state_dict
+
+    import torch
+
+    from tools.pretrain import consolidated_weights
+
+    out = tmp_path / "ema.safetensors"
+    run = tmp_path / "run"
+    overrides = [f"train.output_dir={run}", *TINY_OVERRIDES, "train.ema.enabled=true", "train.ema.decay=0.5"]
+    assert main(["train", "--config", str(CONFIG), *overrides, "--out", str(out)]) == 0
+    saved = load_state_dict(out)
+    ema = load_state_dict(run / "maskgen" / "ema_trainable.safetensors")
+    assert set(saved) == {k[len("unet."):] for k in ema}
+    assert all(np.array_equal(saved[k[len("unet."):]].numpy(), v.numpy()) for k, v in ema.items())
+    cfg = load_config(CONFIG, overrides)
+    from siamese.maskgen import run_config
+
+    last = consolidated_weights(run_config(cfg), "unet.", unsafe_pickle=False)
+    assert any(not torch.equal(last[k].detach(), saved[k]) for k in saved)

@@ -68,6 +68,10 @@ def train_maskgen(cfg_path: Path, overrides: list[str], out: Path, *, resume: st
     stage_resume, stage_force = stage_run(stage_cfg, resume, force)
     train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build)
     weights = consolidated_weights(stage_cfg, "unet.", unsafe_pickle=unsafe_pickle)
+    if cfg.train.ema.enabled:  # DDPM samples from the EMA weights (Ho et al. 2020), written at the end of training
+        ema = load_state_dict(Path(stage_cfg.train.output_dir) / "ema_trainable.safetensors")
+        weights = {k[len("unet."):]: v for k, v in ema.items() if k.startswith("unet.")}
+        logger.info("mask generator: EMA weights (decay %g)", cfg.train.ema.decay)
     load_strict(build_denoiser(cfg.maskgen), weights).raise_if_bad("mask generator")
     save_state_dict(weights, out, metadata=checkpoint_metadata(cfg, KIND), overwrite=True)
     logger.info("mask generator: %s. Next: python -m tools.maskgen sample --ckpt %s --out DIR --n N", out, out)
