@@ -163,14 +163,17 @@ class Encoder(nn.Module):
         self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map before the output projection (down levels and middle block)."""
         h = self.conv_in(x)
         for level in self.down:
             h = level.run_blocks(h)
             if level.downsample is not None:
                 h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.mid(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(self.trunk(x))))
 
 
 class Decoder(nn.Module):

@@ -313,13 +313,7 @@ class _FirstStageFeatures(nn.Module):
         self.encoder = encoder
 
     def forward(self, x: Tensor) -> Tensor:
-        enc = self.encoder
-        h = enc.conv_in(x)
-        for level in enc.down:
-            h = level.run_blocks(h)
-            if level.downsample is not None:
-                h = level.downsample(h)
-        h = enc.mid(h)
+        h = self.encoder.trunk(x)
         layout = nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)
         return torch.cat([h.mean((2, 3)), h.std((2, 3)), layout], dim=1)
 
