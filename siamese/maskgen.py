@@ -210,6 +210,10 @@ def mask_statistics(generated: np.ndarray, training: np.ndarray) -> tuple[list[d
     """(per generated mask: area, components, nearest_train_iou, novelty; summary vs the training masks)."""
     if generated.shape[1:] != training.shape[1:]:
         raise ValueError(f"generated masks are {generated.shape[1:]}, training masks {training.shape[1:]}")
+    for what, masks in (("generated", generated), ("training", training)):
+        values = np.unique(masks)
+        if not np.isin(values, (0, 1)).all():
+            raise ValueError(f"{what} masks are not binary: values {values[:6].tolist()} (expected 0 and 1)")
     area_gen = generated.reshape(len(generated), -1).mean(1)
     area_train = training.reshape(len(training), -1).mean(1)
     comp_gen = np.array([components(m) for m in generated])

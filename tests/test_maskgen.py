@@ -103,6 +103,8 @@ def test_statistics_by_hand() -> None:
     assert per_mask[0]["nearest_train_iou"] == 1.0 and per_mask[2]["nearest_train_iou"] == 0.0
     assert summary["empty_generated"] == 1 and summary["near_copies"] == 2
     assert nearest_iou(np.stack([empty]), np.stack([empty])).tolist() == [1.0]
+    with pytest.raises(ValueError, match=r"generated masks are not binary: values \[0, 1, 255\]"):
+        mask_statistics(np.stack([square, square * 255]), np.stack([square]))
 
 
 def test_config_rules() -> None:
