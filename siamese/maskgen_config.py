@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from ldm.schedule import BETA_KINDS
 
+PREDICTIONS = ("v", "eps")  # what the mask network predicts (siamese.maskgen.training_target)
+
 
 @dataclass(frozen=True)
 class MaskUNetSettings:
@@ -43,6 +45,7 @@ class MaskGenConfig:
     batch_size: int = 16
     sample_steps: int = 50  # DDIM steps (sample.sampler chooses the solver)
     threshold: float = 0.5  # foreground where (x + 1) / 2 > threshold
+    prediction: str = "v"  # v (Salimans & Ho 2022) or eps (DDPM's); see siamese.maskgen
     beta_schedule: str = "linear"
     timesteps: int = 1000
     linear_start: float = 1.0e-4
@@ -57,6 +60,8 @@ class MaskGenConfig:
         for key in ("total_steps", "batch_size", "sample_steps", "timesteps"):
             if getattr(self, key) <= 0:
                 out.append(f"maskgen.{key} must be > 0, got {getattr(self, key)}")
+        if self.prediction not in PREDICTIONS:
+            out.append(f"maskgen.prediction {self.prediction!r} is not one of {list(PREDICTIONS)}")
         if self.beta_schedule not in BETA_KINDS:
             out.append(f"maskgen.beta_schedule {self.beta_schedule!r} is not one of {list(BETA_KINDS)}")
         if self.lr <= 0:

@@ -113,6 +113,46 @@ def test_config_rules() -> None:
         load_config(CONFIG, ["maskgen.resolution=60"])
     with pytest.raises(ConfigError, match="maskgen.threshold"):
         load_config(CONFIG, ["maskgen.threshold=1.5"])
+    with pytest.raises(ConfigError, match="maskgen.prediction 'x0' is not one of"):
+        load_config(CONFIG, ["maskgen.prediction=x0"])
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+def test_prediction_targets_convert_to_the_noise(prediction: str) -> None:
+    """A network that predicts its target exactly gives the solvers the true ε (v: ε = √ᾱ v + √(1−ᾱ) x_t), and the
+    module's loss is the MSE to that target."""
+    import torch
+
+    from siamese import maskgen
+    from siamese.maskgen import MaskDDPMModule, build_denoiser, build_schedule, training_target
+
+    cfg = load_config(CONFIG, TINY_OVERRIDES).maskgen
+    schedule = build_schedule(cfg)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 2, (4, 1, 32, 32), generator=g).float() * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    x_t = schedule.q_sample(x0, t, noise)
+    target = training_target(prediction, x0, noise, schedule.alphas_cumprod, t)
+    if prediction == "v":
+        a = schedule.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+        torch.testing.assert_close(target, a * noise - (1 - a**2).sqrt() * x0)
+    unet = build_denoiser(cfg)
+    original = maskgen.network
+    try:
+        maskgen.network = lambda net, x, tt: target  # an oracle network in place of the UNet's output
+        torch.testing.assert_close(maskgen.eps(unet, x_t, t, prediction, schedule.alphas_cumprod), noise,
+                                   rtol=1e-4, atol=1e-4)
+        module = MaskDDPMModule(unet, schedule, lr=1e-3, prediction=prediction)
+        torch.manual_seed(0)
+        loss = module.step_loss({"mask": x0}, 0).loss
+        torch.manual_seed(0)
+        t_drawn = torch.randint(0, schedule.num_timesteps, (4,))
+        expected = (target - training_target(prediction, x0, torch.randn_like(x0), schedule.alphas_cumprod,
+                                             t_drawn)).pow(2).mean()
+        torch.testing.assert_close(loss, expected)
+    finally:
+        maskgen.network = original
 
 
 def test_image_columns_and_loss() -> None:

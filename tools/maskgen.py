@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from ldm.checkpoint import load_state_dict, load_strict, read_metadata, save_state_dict
@@ -29,7 +30,14 @@ from ldm.unet import UNetModel
 import numpy as np
 import torch
 
-from siamese.config import ConfigError, ExperimentConfig, checkpoint_metadata, config_from_metadata, load_config
+from siamese.config import (
+    METADATA_CONFIG,
+    ConfigError,
+    ExperimentConfig,
+    checkpoint_metadata,
+    config_from_metadata,
+    load_config,
+)
 from siamese.maskgen import (
     MaskDataset,
     MaskDDPMModule,
@@ -62,7 +70,7 @@ def train_maskgen(cfg_path: Path, overrides: list[str], out: Path, *, resume: st
 
     def build(c: ExperimentConfig) -> tuple[MaskDDPMModule, MaskDataset]:
         module = MaskDDPMModule(build_denoiser(cfg.maskgen), build_schedule(cfg.maskgen), lr=cfg.maskgen.lr,
-                                threshold=cfg.maskgen.threshold)
+                                threshold=cfg.maskgen.threshold, prediction=cfg.maskgen.prediction)
         return module, MaskDataset(training_masks(cfg))
 
     stage_resume, stage_force = stage_run(stage_cfg, resume, force)
@@ -86,6 +94,8 @@ def load_maskgen(ckpt: Path, device: str = "cpu") -> tuple[ExperimentConfig, UNe
     cfg = config_from_metadata(meta, str(ckpt))
     if cfg is None or meta.get("siamese.kind") != KIND:
         raise ConfigError(f"{ckpt} is not a mask generator of python -m tools.maskgen train (no maskgen config)")
+    if "prediction:" not in meta.get(METADATA_CONFIG, ""):  # written before maskgen.prediction existed: ε models
+        cfg = replace(cfg, maskgen=replace(cfg.maskgen, prediction="eps"))
     unet = build_denoiser(cfg.maskgen)
     load_strict(unet, load_state_dict(ckpt)).raise_if_bad(str(ckpt))
     return cfg, unet.to(device).eval()
@@ -106,7 +116,8 @@ def sample_folder(ckpt: Path, out: Path, n: int, *, seed: int = 0, steps: int | 
     for start in range(0, n, batch_size):
         gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
         chunks.append(sample_masks(unet, schedule, len(gens), m.resolution, steps=steps or m.sample_steps,
-                                   generator=gens, sampler=cfg.sample.sampler, threshold=m.threshold))
+                                   generator=gens, sampler=cfg.sample.sampler, threshold=m.threshold,
+                                   prediction=m.prediction))
         logger.info("sampled %d / %d masks", start + len(gens), n)
     generated = np.concatenate(chunks)
     per_mask, summary = mask_statistics(generated, np.stack(reference))
