@@ -141,7 +141,8 @@ class MaskDataset(Dataset):
 
 # -- training -------------------------------------------------------------------------------------------------------
 class MaskDDPMModule(TrainModule):
-    """Trains ``unet`` (every parameter) with ``‖ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t) − ε‖²``, t uniform in [0, T)."""
+    """Trains ``unet`` (every parameter) with ``‖f_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t) − target‖²``, t uniform in [0, T),
+    the target ε or v (``training_target``)."""
 
     def __init__(self, unet: UNetModel, schedule: Schedule, *, lr: float, threshold: float = 0.5,
                  prediction: str = "eps"):
