@@ -1,8 +1,8 @@
-"""Shared pytest set-up: import order, offline mode, CPU threads, and the reference files in ../shared.
+"""Shared pytest set-up: import order, offline mode, CPU threads, and the reference data in tests/reference.
 
 ``import ldm`` must come before anything that imports torchvision (open_clip, Lightning, torchmetrics): it installs
-the CPU-only torchvision shim (ldm/_compat.py). The reference files live outside the repository: CI clones the
-repository with ``shared/`` beside it, a developer checkout may have ``shared/`` inside it.
+the CPU-only torchvision shim (ldm/_compat.py). The reference data of the original implementation (its SD1.5 key
+manifest, the golden parity values) is part of the repository, so every test runs in any clone.
 """
 
 from __future__ import annotations
@@ -24,28 +24,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = REPO_ROOT / "tests" / "reference"
 MANIFEST_NAME = "official_controlldm_sd15_keys.json"
 
 # The CI machines have 2 cores; more threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-
-def _missing_reference(what: str) -> None:
-    """Skip a test whose reference file is absent, or fail it where the reference is required (CI sets
-    SIAMESE_REQUIRE_REFERENCE=1: the parity with the original must run, never be skipped)."""
-    if os.environ.get("SIAMESE_REQUIRE_REFERENCE") == "1":
-        pytest.fail(f"{what} not found in ../shared/reference or ./shared/reference (required: "
-                    "SIAMESE_REQUIRE_REFERENCE=1)")
-    pytest.skip(f"{what} not found in ../shared/reference or ./shared/reference")
-
-
-def find_shared(*parts: str) -> Path | None:
-    """``<repo>/../shared/<parts>`` if it exists, else ``<repo>/shared/<parts>``, else None."""
-    for base in (REPO_ROOT.parent / "shared", REPO_ROOT / "shared"):
-        candidate = base.joinpath(*parts)
-        if candidate.exists():
-            return candidate
-    return None
 
 
 def seed_everything(seed: int = 0) -> None:
@@ -75,20 +58,8 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def reference_manifest() -> dict[str, Any]:
     """``{"_about": ..., "keys": {name: [shape, dtype]}}`` of the original SD1.5 ControlLDM."""
-    path = find_shared("reference", MANIFEST_NAME)
-    if path is None:
-        _missing_reference(f"reference manifest {MANIFEST_NAME}")
-    with path.open(encoding="utf-8") as handle:
+    with (REFERENCE_DIR / MANIFEST_NAME).open(encoding="utf-8") as handle:
         return json.load(handle)
-
-
-@pytest.fixture(scope="session")
-def golden_dir() -> Path:
-    """Directory of the original implementation's loss/gradient values at tiny geometry (see its README.md)."""
-    path = find_shared("reference", "golden_tiny")
-    if path is None:
-        _missing_reference("golden values golden_tiny/")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,7 @@ parity against an explicit softmax(QK^T/sqrt(C))V reference, and the identity fi
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 from ldm.attention import group_norm_groups as group_count
@@ -21,12 +19,6 @@ SD15_DDCONFIG = dict(embed_dim=4, double_z=True, z_channels=4, resolution=256, i
                      ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
 
-def _manifest_path() -> Path | None:
-    candidates = [Path(p) for p in [os.environ.get("SD15_KEYS_MANIFEST", "")] if p]
-    candidates += [REPO / "shared" / "reference" / MANIFEST_NAME, REPO.parent / "shared" / "reference" / MANIFEST_NAME]
-    return next((p for p in candidates if p.is_file()), None)
-
-
 def _tiny(**overrides: object) -> AutoencoderKL:
     cfg = dict(embed_dim=4, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=8, ch_mult=[1, 2, 2, 2],
                num_res_blocks=1, attn_resolutions=[], dropout=0.0)
@@ -36,8 +28,7 @@ def _tiny(**overrides: object) -> AutoencoderKL:
 
 
 def test_sd15_keys_and_shapes_match_manifest(reference_manifest) -> None:
-    path = _manifest_path()
-    keys = json.loads(path.read_text())["keys"] if path is not None else reference_manifest["keys"]
+    keys = reference_manifest["keys"]
     expected = {k: tuple(v[0]) for k, v in keys.items() if k.startswith("first_stage_model.")}
     with torch.device("meta"):
         vae = AutoencoderKL(**SD15_DDCONFIG)

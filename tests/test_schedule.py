@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from ldm.schedule import (
     Schedule,
     ddim_alphas,
@@ -19,8 +16,6 @@ from ldm.schedule import (
 import numpy as np
 import pytest
 import torch
-
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_controlldm_sd15_keys.json"
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +86,8 @@ def test_buffers_match_reference_formulas(sched: Schedule) -> None:
     assert bufs["posterior_log_variance_clipped"][0].item() == pytest.approx(np.log(1e-20), rel=1e-6)
 
 
-@pytest.mark.skipif(not MANIFEST.is_file(), reason=f"reference manifest not found: {MANIFEST}")
-def test_buffers_match_manifest(sched: Schedule) -> None:
-    keys = json.loads(MANIFEST.read_text())["keys"]
+def test_buffers_match_manifest(sched: Schedule, reference_manifest) -> None:
+    keys = reference_manifest["keys"]
     expected = {k: (tuple(v[0]), v[1]) for k, v in keys.items() if "." not in k}
     got = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sched.buffers().items()}
     assert got == expected
