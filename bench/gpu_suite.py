@@ -26,17 +26,11 @@ initialised: the cost does not depend on their values. ``--tiny`` runs the same 
 from __future__ import annotations
 
 import argparse
-import gc
 import inspect
-import json
-import math
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,20 +50,25 @@ from siamese.model import SiameseDiffusion  # noqa: E402
 from siamese.reference import deep_copy_loss  # noqa: E402
 from siamese.schedules import SiameseRecipe  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from _device import (  # noqa: E402
+    autocast,
+    device_name,
+    free_memory,
+    fused_adamw_supported,
+    peak_tflops,
+    read_peak_gib,
+    reset_peak,
+    synchronize,
+)
+from _gpu_report import Row, fmt_num, markdown, write_json  # noqa: E402
+
 TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                        num_heads=2, context_dim=32)  # = bench/train_step.py's TINY = configs/siamese_tiny.yaml
 TOTAL_STEPS, STEP = 3000, 2500  # late in the run: image ramp 5/6 and L_aug active (the most expensive step)
 T_CYCLE = (50, 600, 150, 900)
 PROMPT = "A photo of a polyp."
-GIB = 2**30
 OOM_ERROR = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-
-# Vendor datasheet figures, TFLOP/s of dense (no 2:4 sparsity) bf16 tensor-core math; SXM boards unless the name says
-# otherwise. Matched as substrings of the device name in this order (the more specific names first). The A10G entry
-# is the A10 datasheet figure.
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
-    ("A100", 312.0), ("L40S", 362.0), ("RTX 4090", 165.0), ("A10G", 125.0))
 
 # (id, kind, variant, precision): most important first; consecutive rows of one kind share the built networks.
 PLAN: tuple[tuple[str, str, str, str], ...] = (
@@ -79,102 +78,9 @@ PLAN: tuple[tuple[str, str, str, str], ...] = (
     ("ddim:fp32", "sample", "ddim", "fp32"), ("dpmpp_2m:fp32", "sample", "dpmpp_2m", "fp32"))
 
 
-@dataclass
-class Row:
-    """One measurement; numbers are None where not measured (see ``status``)."""
-
-    id: str
-    what: str
-    precision: str
-    batch: int
-    unit: str  # images/s (training) or pairs/s (sampling)
-    throughput: float | None = None
-    step_ms: float | None = None  # a training step; for sampling, batch time / sampler steps
-    batch_s: float | None = None  # median wall time of one step (training) or one sampled batch
-    peak_gib: float | None = None
-    flops: float | None = None  # per training step / per sampled batch, as executed
-    mfu: float | None = None
-    timed: int = 0
-    wall_s: float = 0.0  # the whole measurement: FLOP counting and warm-up included, building the networks not
-    status: str = "ok"
-
-
 def note(message: str) -> None:
     """Progress on stderr; the table goes to stdout."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# -- device helpers (device-agnostic: torch.accelerator where it exists) ---------------------------------------------
-def _accel(name: str) -> Callable | None:
-    return getattr(torch.accelerator, name, None) or getattr(torch.cuda, name, None)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize()
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type != "cpu" and _accel("empty_cache"):
-        _accel("empty_cache")()
-
-
-def reset_peak(device: torch.device) -> None:
-    synchronize(device)
-    if device.type != "cpu":
-        _accel("reset_peak_memory_stats")()
-        return
-    try:  # Linux: resets VmHWM to the current resident set
-        Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
-    except OSError:
-        pass
-
-
-def read_peak_gib(device: torch.device) -> float | None:
-    if device.type != "cpu":
-        return _accel("max_memory_allocated")() / GIB
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / GIB
-    except OSError:
-        pass
-    return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cpu":
-        return platform.processor() or platform.machine() or "cpu"
-    try:
-        return torch.get_device_module(device).get_device_name(device)
-    except (AttributeError, RuntimeError):
-        return str(device)
-
-
-def peak_tflops(name: str, override: float | None) -> tuple[float | None, str]:
-    if override is not None:
-        return override, "--peak-tflops"
-    for key, value in PEAK_BF16_TFLOPS:
-        if key.lower() in name.lower():
-            return value, f"table ({key})"
-    return None, "unknown device: MFU n/a (give --peak-tflops)"
-
-
-def autocast(device: torch.device, precision: str) -> AbstractContextManager:
-    """bf16: autocast (parameters stay fp32, as Lightning's bf16-mixed); fp32: nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-def fused_adamw_supported(device: torch.device) -> bool:
-    """Whether ``AdamW(fused=True)`` steps on this device (checked on a one-element parameter)."""
-    try:
-        probe = torch.zeros(1, device=device, requires_grad=True)
-        probe.grad = torch.zeros_like(probe)
-        torch.optim.AdamW([probe], fused=True).step()
-        return True
-    except (RuntimeError, ValueError, TypeError):
-        return False
 
 
 # -- the measurement loop shared by training and sampling ------------------------------------------------------------
@@ -304,48 +210,6 @@ def measure_sample(row: Row, solver: str, steps: int, nets: dict, args: argparse
                    per_step=steps)
 
 
-# -- report ----------------------------------------------------------------------------------------------------------
-def _num(value: float | None, fmt: str) -> str:
-    return "–" if value is None or not math.isfinite(value) else format(value, fmt)
-
-
-def markdown(header: dict, rows: list[Row]) -> str:
-    lines = [f"GPU suite on {header['device_name']} ({header['device']}): torch {header['torch']}, "
-             f"CUDA {header['cuda'] or '–'}, cuDNN {header['cudnn'] or '–'}; "
-             f"peak bf16 {_num(header['peak_tflops'], '.4g')} TFLOP/s ({header['peak_source']})",
-             f"training: {header.get('train_model', '–')}; {header['resolution']}² (latent {header['latent']}), "
-             f"checkpointing {'on' if header['checkpointing'] else 'off'}, AdamW fused "
-             f"{header.get('adamw_fused', '–')}; fp32 matmul precision '{header['matmul_precision']}'",
-             f"sampling: {header.get('sample_model', '–')}; step ms = batch time / sampler steps; "
-             "MFU = counted FLOPs (recomputation included) / time / dense bf16 peak, for every precision",
-             f"peak GiB: {header['memory']}; TFLOP: per training step / per sampled batch; "
-             f"{header.get('wall_s', '–')} s in all", "",
-             "| what | precision | batch | images/s or pairs/s | step ms | peak GiB | TFLOP | MFU "
-             "| copy-free ÷ deep-copy | status |", "|---|---|---|---|---|---|---|---|---|---|"]
-    by_id = {r.id: r for r in rows}
-    for r in rows:
-        ratio = ""
-        base = by_id.get(r.id.replace("deep-copy", "copy-free"))
-        if r.id.startswith("deep-copy") and base and base.throughput and r.throughput:
-            ratio = f"{base.throughput / r.throughput:.2f}× images/s"
-            if base.peak_gib and r.peak_gib:
-                ratio += f", {base.peak_gib / r.peak_gib:.2f}× peak"
-        mfu = "n/a" if r.mfu is None and r.throughput else _num(None if r.mfu is None else 100 * r.mfu, ".1f")
-        mfu += " %" if r.mfu is not None else ""
-        lines.append(f"| {r.what} | {r.precision} | {r.batch} | {_num(r.throughput, '.2f')} | {_num(r.step_ms, '.1f')} "
-                     f"| {_num(r.peak_gib, '.2f')} | {_num(None if r.flops is None else r.flops / 1e12, '.3g')} "
-                     f"| {mfu} | {ratio} | {r.status} |")
-    return "\n".join(lines)
-
-
-def write_json(path: Path | None, header: dict, rows: list[Row], notes: list[str]) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"header": header, "rows": [asdict(r) for r in rows], "notes": notes, "table": markdown(header, rows)}
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
 # -- main ------------------------------------------------------------------------------------------------------------
 def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
@@ -419,7 +283,7 @@ def run(args: argparse.Namespace, device: torch.device) -> int:
                     note(f"measuring {row.id}")
                     measure_row(row, kind, item[2], nets, args, device, deadline, header.get("adamw_fused", False))
                     longest = max(longest, row.wall_s)
-                note(f"{row.id}: {row.status}, {_num(row.throughput, '.2f')} {row.unit}, {row.wall_s:.1f} s")
+                note(f"{row.id}: {row.status}, {fmt_num(row.throughput, '.2f')} {row.unit}, {row.wall_s:.1f} s")
             rows.append(row)
             write_json(args.json, header, rows, notes)  # after every row: a hard kill keeps what was done
         nets = None  # free this group's networks before the next group builds its own

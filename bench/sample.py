@@ -26,7 +26,7 @@ import ldm  # noqa: F401  (torchvision shim first, as everywhere in this project
 import torch
 
 from siamese.config import load_config
-from siamese.data import write_synthetic_dataset
+from siamese.data.synthetic import write_synthetic_dataset
 from siamese.factory import build_model
 from siamese.sampling import collect_masks, make_items, sample_pairs
 

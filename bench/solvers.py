@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from siamese.config import ExperimentConfig, config_from_metadata, load_config
+from siamese.data.masks import read_mask, resize_mask
 from siamese.evaluation.fidelity import dice, segment_generated_lesion
 from siamese.factory import build_latent_diffusion, build_model
-from siamese.masks import read_mask, resize_mask
 from siamese.sampling import collect_masks
 from tools.inference import resolve_config
 

@@ -8,12 +8,12 @@ in the Lightning checkpoint so a resumed run continues exactly.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ldm.checkpoint import save_state_dict
+from ldm.fileio import write_bytes_atomic
 
 import cv2
 import numpy as np
@@ -76,11 +76,10 @@ def to_uint8(images: Tensor) -> np.ndarray:
 def write_png(path: Path, rgb: np.ndarray) -> None:
     """Write an RGB/gray uint8 image atomically (temporary name, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
-    if not cv2.imwrite(str(tmp), bgr):
-        raise OSError(f"could not write image {tmp}")
-    os.replace(tmp, path)
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb)
+    if not ok:
+        raise OSError(f"could not encode image {path}")
+    write_bytes_atomic(path, encoded.tobytes(), durable=False)
 
 
 def due(trainer: pl.Trainer, every: int) -> bool:

@@ -21,13 +21,12 @@ import importlib
 import io
 import json
 import logging
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 from ldm.checkpoint import foreign_globals
+from ldm.fileio import replace_dir, restore_dir, write_json_atomic
 
 import torch
 
@@ -46,9 +45,7 @@ def write_marker(directory: Path, world_size: int) -> None:
     """Record every file of a finished checkpoint with its size; written last (atomically)."""
     files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
              if p.is_file() and p.name != MARKER}
-    tmp = directory / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"world_size": world_size, "files": files}, indent=1), encoding="utf-8")
-    os.replace(tmp, directory / MARKER)
+    write_json_atomic(directory / MARKER, {"world_size": world_size, "files": files}, indent=1)
 
 
 def incomplete_reason(path: Path) -> str | None:
@@ -77,9 +74,13 @@ def incomplete_reason(path: Path) -> str | None:
 def find_latest_checkpoint(directory: Path, *, warn: bool = True) -> Path | None:
     """The newest complete checkpoint in ``directory``: the highest ``step=N``; among equal steps (a run resumed
     from an older checkpoint writes ``step=N-v1.ckpt`` beside ``step=N.ckpt``) the most recently written. Incomplete
-    ones are skipped, each named in a warning."""
+    ones are skipped, each named in a warning. A replacement that a crash interrupted (the previous directory of
+    a name parked as ``.NAME.old``, ``ldm.fileio.swap_dir``) is finished first, so that checkpoint is not lost."""
     if not directory.is_dir():
         return None
+    for parked in directory.glob(".*.ckpt.old"):
+        if restore_dir(directory / parked.name[1:-len(".old")]):
+            log.warning("restored %s: a crash had interrupted its replacement", parked.name[1:-len(".old")])
     found = sorted(((int(m.group(1)), p.stat().st_mtime_ns, p) for p in directory.glob("*.ckpt")
                     if (m := _STEP_RE.search(p.name))), reverse=True)
     for _, _, path in found:
@@ -192,16 +193,15 @@ def to_universal(path: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if (out / "latest_universal").is_file():
         return out
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    shutil.rmtree(partial, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(root / tag), output_folder=str(partial / tag), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
-        ds_to_universal.main(args)
-    log.debug("ds_to_universal %s: %s", root / tag, captured.getvalue().strip()[-2000:])
-    (partial / "latest_universal").write_text(tag, encoding="utf-8")
-    os.replace(partial, out)
+    with replace_dir(out) as partial:
+        args = argparse.Namespace(input_folder=str(root / tag), output_folder=str(partial / tag),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            ds_to_universal.main(args)
+        log.debug("ds_to_universal %s: %s", root / tag, captured.getvalue().strip()[-2000:])
+        (partial / "latest_universal").write_text(tag, encoding="utf-8")
     return out
 
 

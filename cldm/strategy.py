@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ldm.fileio import swap_dir
+
 from lightning_fabric.plugins import TorchCheckpointIO
 from lightning_fabric.utilities.seed import reset_seed
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
@@ -94,14 +96,9 @@ class ZeRO2Strategy(DeepSpeedStrategy):
         self.barrier("checkpoint_written")
         if self.is_global_zero:
             write_marker(partial, self.world_size)
-            if final.exists():  # the same name saved again (a resumed run, the final checkpoint): replace it whole
-                old = final.with_name(final.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(partial, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(partial, final)
+            # The same name saved again (a resumed run, the final checkpoint) is replaced whole; a crash in between
+            # leaves the old directory where restore_dir (and find_latest_checkpoint) find it.
+            swap_dir(partial, final)
         self.barrier("checkpoint_done")
 
 

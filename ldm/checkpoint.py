@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ldm.fileio import fsync_dir
+
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -186,20 +188,6 @@ def _validate_for_save(sd: Mapping[str, Any], metadata: Mapping[str, Any] | None
             raise TypeError(f"cannot save {path}: metadata must map str to str, got {key!r}: {type(value).__name__}")
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform / filesystem, hence best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_state_dict(
     sd: Mapping[str, Tensor],
     path: str | os.PathLike[str],
@@ -251,7 +239,7 @@ def save_state_dict(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return path
 
 

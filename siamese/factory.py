@@ -22,7 +22,7 @@ from cldm.controlnet import ControlNet
 from cldm.lora import add_lora
 from cldm.model import ControlLDM
 from siamese.config import ExperimentConfig, FirstStageConfig, ModelConfig
-from siamese.data import ImageDataset, MaskImageDataset, SyntheticLesionDataset
+from siamese.data.datasets import ImageDataset, MaskImageDataset, SyntheticLesionDataset
 from siamese.model import SiameseDiffusion
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ the work list (sharded whole, the last one padded) and a file depends on ``batch
 ``limit`` or resuming. "Random" masks (flip, scale,
 shift of the given masks, the authors' protocol for their segmentation tables) are drawn from a per-item generator
 too, and the augmented mask is the one returned with its image. Writing pairs, the manifest and resuming live in
-``siamese.pairs_io``; ``sample_pairs`` here is the notebook-friendly core.
+``siamese.data.pairs``; ``sample_pairs`` here is the notebook-friendly core.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 from ldm.solvers import SAMPLERS
@@ -32,8 +31,10 @@ import torch
 from torch import Tensor
 
 from cldm.model import ControlLDM
-from siamese.data import read_prompt_jsonl
-from siamese.masks import MaskAugment, read_mask, resize_mask
+from siamese.data.images import IMAGE_SUFFIXES, resize_image
+from siamese.data.layout import read_prompt_jsonl
+from siamese.data.masks import MaskAugment, read_mask, resize_mask
+from siamese.data.pairs import MaskSource, SampledPair, WorkItem
 
 __all__ = [
     "MASK_MODES",
@@ -59,43 +60,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASK_SUFFIXES = IMAGE_SUFFIXES
 MASK_MODES = ("real", "random")
 PRECISIONS = ("fp32", "bf16", "fp16")
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-
-
-@dataclass(frozen=True)
-class MaskSource:
-    """A conditioning mask: output names derive from ``name`` (the file stem)."""
-
-    name: str
-    path: Path
-    prompt: str
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """Pair ``k`` of a mask, with its own seed (noise and, in random mode, the mask augmentation)."""
-
-    source: MaskSource
-    k: int
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.source.name}_k{self.k}"
-
-
-@dataclass(frozen=True)
-class SampledPair:
-    """A generated pair: RGB image (H×W×3 uint8) and its mask at the image's size and at the source's size."""
-
-    item: WorkItem
-    image: np.ndarray
-    mask01: np.ndarray
-    source_mask01: np.ndarray
-    background: Path | None = None  # the background image kept outside the mask (``backgrounds``), if any
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
@@ -261,7 +229,7 @@ def _backgrounds(paths: Sequence[Path], masks: Sequence[np.ndarray], hint_size: 
         (h, w), (mh, mw) = bgr.shape[:2], mask.shape[:2]
         if abs(h / w - mh / mw) > 0.01 * (mh / mw):
             raise ValueError(f"background {path} is {h}×{w} but its mask is {mh}×{mw}: different aspect ratios")
-        rgb = cv2.cvtColor(cv2.resize(bgr, (hint_size, hint_size), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+        rgb = resize_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), hint_size)
         out.append(rgb)
     stacked = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return stacked.to(device)

@@ -12,15 +12,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from siamese.data import (
-    MaskImageDataset,
-    PairRecord,
-    SyntheticLesionDataset,
-    read_prompt_jsonl,
-    synthetic_pair,
-    write_synthetic_dataset,
-)
-from siamese.masks import MaskAugment, augment_mask, binarize_mask, mask_to_png, read_mask, resize_mask
+from siamese.data.datasets import MaskImageDataset, SyntheticLesionDataset
+from siamese.data.layout import PairRecord, read_prompt_jsonl
+from siamese.data.masks import MaskAugment, augment_mask, binarize_mask, mask_to_png, read_mask, resize_mask
+from siamese.data.synthetic import synthetic_pair, write_synthetic_dataset
 
 
 def _disk(size: int = 32, radius: int = 8, centre: tuple[int, int] = (12, 14)) -> np.ndarray:
@@ -129,7 +124,7 @@ def test_binarize_gray_bgr_16bit_and_bad_shapes() -> None:
 
 
 def test_binarize_warns_on_label_masks(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="siamese.masks"):
+    with caplog.at_level(logging.WARNING, logger="siamese.data.masks"):
         assert not binarize_mask(np.array([[0, 1]], np.uint8)).any()
     assert "threshold=0" in caplog.text
 

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from siamese.config import ConfigError, load_config
-from siamese.data import MaskImageDataset, read_image_rgb
-from siamese.data_check import Finding, check_dataset, format_findings
-from siamese.data_prep import prepare_dataset
+from siamese.data.check import Finding, check_dataset, format_findings
+from siamese.data.datasets import MaskImageDataset
+from siamese.data.images import read_image_rgb
+from siamese.data.prepare import prepare_dataset
 from siamese.factory import build_dataset
 from tools import doctor, prepare_data
 

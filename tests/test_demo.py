@@ -84,7 +84,7 @@ def test_refuses_a_foreign_folder_and_a_damaged_base(tmp_path, caplog, monkeypat
 
 
 def test_shipped_base_matches_its_recorded_sha256():
-    from siamese.pairs_io import file_sha256
+    from ldm.fileio import file_sha256
 
     assert file_sha256(demo.SHIPPED_BASE) == demo.SHIPPED_BASE_SHA256
     readme = (Path(demo.SHIPPED_BASE).parent / "README.md").read_text()

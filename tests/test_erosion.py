@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_inference import base_out, cli, env, files, manifest_lines, run_cli  # noqa: F401  (fixtures)
 
-from siamese.masks import erode_mask, mask_erodes
+from siamese.data.masks import erode_mask, mask_erodes
 from tools import erode_masks
 
 

@@ -14,9 +14,9 @@ import ldm  # noqa: F401  (torchvision shim first)
 import cv2
 import pytest
 
-from siamese.data import synthetic_pair, write_synthetic_dataset
+from siamese.data.masks import mask_to_png
+from siamese.data.synthetic import synthetic_pair, write_synthetic_dataset
 from siamese.evaluation.splits import Pair, check_no_leak, load_or_make_split, make_split, real_pairs
-from siamese.masks import mask_to_png
 from tools import evaluate as evaluate_tool
 from tools import segmentation_benchmark as bench_tool
 

@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from siamese.data import synthetic_pair
+from siamese.data.masks import mask_to_png
+from siamese.data.synthetic import synthetic_pair
 from siamese.evaluation.fidelity import dice, score_pairs, segment_generated_lesion
-from siamese.masks import mask_to_png
 
 
 def test_dice_conventions():

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from test_inference import base_out, cli, env, files  # noqa: F401  (fixtures)
 
-from siamese.data import read_prompt_jsonl
-from siamese.evaluation.filtering import default_band, judge, nearest_similarity, real_leave_one_out
+from siamese.data.layout import read_prompt_jsonl
+from siamese.meddiff.filtering import default_band, judge, nearest_similarity, real_leave_one_out
 from tools import filter_pairs
 
 
@@ -83,8 +83,8 @@ def test_first_stage_tower_from_a_framework_checkpoint(tmp_path):
     import pytest
     import torch
 
-    from siamese.data import synthetic_pair
-    from siamese.evaluation.features import load_feature_extractor
+    from siamese.data.synthetic import synthetic_pair
+    from siamese.evaluation.towers import load_feature_extractor
 
     shipped = Path(__file__).resolve().parents[1] / "data" / "pretrained" / "base_tiny.safetensors"
     tower = load_feature_extractor("first_stage", shipped)

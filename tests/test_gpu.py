@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from siamese.config import checkpoint_metadata, load_config
-from siamese.data import write_synthetic_dataset
+from siamese.data.synthetic import write_synthetic_dataset
 from siamese.factory import build_model, meta_model
 from tools import inference as inference_tool
 from tools import merge_control as merge_tool

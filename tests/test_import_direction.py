@@ -1,9 +1,11 @@
 """The one-way import flow ``ldm <- cldm <- siamese <- tools <- root scripts``, checked statically with ``ast``.
 
 A module may import from its own layer and the layers to its left, never to its right. ``ldm`` (pure PyTorch) must
-also stay free of Lightning and DeepSpeed, which are allowed from ``cldm`` on. Every ``import``/``from ... import``
-(relative ones resolved, ``TYPE_CHECKING`` blocks included) and every ``importlib.import_module("...")`` with a
-literal name counts.
+also stay free of Lightning and DeepSpeed, which are allowed from ``cldm`` on. Inside ``siamese`` the rooms flow the
+same way: ``siamese.data`` <- the method (``siamese.*`` modules, ``siamese.config``) <- ``siamese.evaluation`` <- the
+model families (``siamese.meddiff``, ``siamese.volumes``, ``siamese.segdiff``), which do not import each other. Every
+``import``/``from ... import`` (relative ones resolved, ``TYPE_CHECKING`` blocks included) and every
+``importlib.import_module("...")`` with a literal name counts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ import pytest
 PACKAGES = ("ldm", "cldm", "siamese", "tools")
 ROOT_LAYER = len(PACKAGES)  # the root scripts (tutorial_train.py, tool_*.py, ...) sit above tools
 TRAINING_FRAMEWORKS = ("pytorch_lightning", "lightning", "lightning_fabric", "deepspeed")
+# Rooms of siamese, by rank; a module may import rooms of a lower rank and its own room. Families share a rank and
+# must not import one another.
+ROOM_RANK = {"data": 0, "method": 1, "evaluation": 2, "meddiff": 3, "volumes": 3, "segdiff": 3}
+
+
+def room_of(module: str) -> str | None:
+    """The room of a ``siamese`` module name (``siamese.data.masks`` → data, ``siamese.model`` → method)."""
+    parts = module.split(".")
+    if parts[0] != "siamese" or len(parts) == 1:
+        return None
+    return parts[1] if parts[1] in ROOM_RANK else "method"
 
 
 def _python_files(root: Path) -> Iterator[tuple[Path, int, str | None]]:
@@ -48,7 +61,10 @@ def _imported_modules(tree: ast.AST, path: Path, root: Path) -> Iterator[tuple[s
             else:
                 module = node.module or ""
             if module:
-                yield module, node.lineno
+                # "from siamese import sampling" imports the module siamese.sampling: name what was imported (a
+                # name inside a module, "from siamese.data.masks import read_mask", stays in that module's room).
+                for alias in node.names:
+                    yield f"{module}.{alias.name}", node.lineno
         elif (
             isinstance(node, ast.Call)
             and isinstance(node.func, (ast.Attribute, ast.Name))
@@ -80,6 +96,11 @@ def find_violations(root: Path) -> list[str]:
                 continue  # root scripts may share helpers among themselves
             if target is not None and target > layer:
                 problems.append(f"{where}:{line}: {package or 'root script'} must not import {module}")
+            elif package == "siamese" and top == "siamese":
+                here = room_of(".".join(path.relative_to(root).with_suffix("").parts))
+                there = room_of(module)
+                if here and there and there != here and ROOM_RANK[there] >= ROOM_RANK[here]:
+                    problems.append(f"{where}:{line}: the siamese room {here} must not import {module} ({there})")
             elif package == "ldm" and top in TRAINING_FRAMEWORKS:
                 problems.append(f"{where}:{line}: ldm must stay pure PyTorch, not import {module}")
     return problems
@@ -115,6 +136,16 @@ def _write(root: Path, relative: str, source: str) -> None:
         ("cldm/model.py", "from tools import train\n", "cldm/model.py:1: cldm must not import tools"),
         ("siamese/model.py", "import tools.train\n", "siamese/model.py:1: siamese must not import tools.train"),
         ("tools/train.py", "import tutorial_train\n", "tools/train.py:1: tools must not import tutorial_train"),
+        ("siamese/data/masks.py", "from siamese.sampling import x\n",
+         "siamese/data/masks.py:1: the siamese room data must not import siamese.sampling.x (method)"),
+        ("siamese/config/schema.py", "from siamese.meddiff.maskgen import x\n",
+         "siamese/config/schema.py:1: the siamese room method must not import siamese.meddiff.maskgen"),
+        ("siamese/evaluation/x.py", "from siamese.meddiff import filtering\n",
+         "siamese/evaluation/x.py:1: the siamese room evaluation must not import siamese.meddiff"),
+        ("siamese/data/x.py", "from siamese import sampling\n",
+         "siamese/data/x.py:1: the siamese room data must not import siamese.sampling (method)"),
+        ("siamese/volumes/x.py", "import siamese.segdiff.model\n",
+         "siamese/volumes/x.py:1: the siamese room volumes must not import siamese.segdiff.model (segdiff)"),
     ],
 )
 def test_checker_catches_wrong_way_imports(tmp_path: Path, relative: str, source: str, expected: str) -> None:
@@ -132,6 +163,9 @@ def test_checker_allows_the_right_direction(tmp_path: Path) -> None:
     _write(tmp_path, "ldm/unet.py", "import torch\nfrom . import attention\nfrom ldm.attention import x\n")
     _write(tmp_path, "cldm/model.py", "import pytorch_lightning as pl\nimport deepspeed\nfrom ldm import unet\n")
     _write(tmp_path, "siamese/model.py", "from cldm.model import ControlLDM\nfrom .losses import loss_mask\n")
+    _write(tmp_path, "siamese/sampling.py", "from siamese.data.masks import read_mask\nfrom . import config\n")
+    _write(tmp_path, "siamese/meddiff/x.py", "from siamese.evaluation import metrics\nfrom siamese import sampling\n")
+    _write(tmp_path, "siamese/data/pairs.py", "from siamese.data.masks import x\nfrom . import images\n")
     _write(tmp_path, "tools/train.py", "from siamese import model\nfrom cldm import model as m\nimport ldm\n")
     _write(tmp_path, "tutorial_train.py", "import sys\nfrom tools.train import main\nsys.exit(main())\n")
     assert find_violations(tmp_path) == []

@@ -1,6 +1,6 @@
-"""MedDiff-FT's mask generator (``siamese.maskgen``, ``python -m tools.maskgen``): a few real training steps on CPU
-through the common trainer, then sampling: binary PNGs, manifest and statistics, determinism, batch independence,
-the pair sampler taking the generated folder, one-line errors."""
+"""MedDiff-FT's mask generator (``siamese.meddiff.maskgen``, ``python -m tools.maskgen``): a few real training steps
+on CPU through the common trainer, then sampling: binary PNGs, manifest and statistics, determinism, batch
+independence, the pair sampler taking the generated folder, one-line errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from test_inference import cli, env  # noqa: F401  (fixtures)
 
 from siamese.config import ConfigError, load_config
-from siamese.maskgen import mask_statistics, nearest_iou
+from siamese.meddiff.maskgen import mask_statistics, nearest_iou
 from tools import inference
 from tools.maskgen import main
 
@@ -123,8 +123,8 @@ def test_prediction_targets_convert_to_the_noise(prediction: str) -> None:
     module's loss is the MSE to that target."""
     import torch
 
-    from siamese import maskgen
-    from siamese.maskgen import MaskDDPMModule, build_denoiser, build_schedule, training_target
+    from siamese.meddiff import maskgen
+    from siamese.meddiff.maskgen import MaskDDPMModule, build_denoiser, build_schedule, training_target
 
     cfg = load_config(CONFIG, TINY_OVERRIDES).maskgen
     schedule = build_schedule(cfg)
@@ -158,7 +158,7 @@ def test_prediction_targets_convert_to_the_noise(prediction: str) -> None:
 def test_image_columns_and_loss() -> None:
     import torch
 
-    from siamese.maskgen import MaskDataset, MaskDDPMModule, build_denoiser, build_schedule
+    from siamese.meddiff.maskgen import MaskDataset, MaskDDPMModule, build_denoiser, build_schedule
 
     cfg = load_config(CONFIG, TINY_OVERRIDES).maskgen
     torch.manual_seed(0)
@@ -193,7 +193,7 @@ def test_ema_weights_are_the_output(tmp_path: Path) -> None:
     assert set(saved) == {k[len("unet."):] for k in ema}
     assert all(np.array_equal(saved[k[len("unet."):]].numpy(), v.numpy()) for k, v in ema.items())
     cfg = load_config(CONFIG, overrides)
-    from siamese.maskgen import run_config
+    from siamese.meddiff.maskgen import run_config
 
     last = consolidated_weights(run_config(cfg), "unet.", unsafe_pickle=False)
     assert any(not torch.equal(last[k].detach(), saved[k]) for k in saved)

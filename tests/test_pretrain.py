@@ -19,7 +19,8 @@ import torch
 from cldm.convert import expected_state
 from cldm.pretrain import autoencoder_terms
 from siamese.config import ConfigError, config_from_metadata, load_config, stage_config
-from siamese.data import ImageDataset, synthetic_pair
+from siamese.data.datasets import ImageDataset
+from siamese.data.synthetic import synthetic_pair
 from siamese.factory import build_latent_diffusion, build_model, load_weights, meta_model
 from tools import add_control as add_control_tool
 from tools import pretrain as pretrain_tool

@@ -16,8 +16,8 @@ import scipy.linalg
 import torch
 from scipy.spatial.distance import pdist
 
-from siamese.data import synthetic_pair
-from siamese.evaluation import features
+from siamese.data.synthetic import synthetic_pair
+from siamese.evaluation import features, towers
 from siamese.evaluation import quality as q
 
 # ------------------------------------------------------------------------------------------------ references
@@ -165,18 +165,18 @@ def lesion_images(n: int, size: int = 64, seed: int = 11) -> list[np.ndarray]:
 
 def test_tiny_extractor_is_seeded_and_batch_independent(tmp_path):
     images = lesion_images(5)
-    extractor = q.load_feature_extractor("tiny", seed=0)
+    extractor = towers.load_feature_extractor("tiny", seed=0)
     feats = extractor.features(images, batch_size=2, progress=False)
     assert feats.shape == (5, 64) and feats.dtype == np.float64 and extractor.dim == 64
     np.testing.assert_allclose(extractor.features(images, batch_size=5, progress=False), feats, rtol=1e-5, atol=1e-6)
-    again = q.load_feature_extractor("tiny", seed=0).features(images, batch_size=2, progress=False)
+    again = towers.load_feature_extractor("tiny", seed=0).features(images, batch_size=2, progress=False)
     np.testing.assert_array_equal(again, feats)
-    assert not np.allclose(q.load_feature_extractor("tiny", seed=1).features(images, progress=False), feats)
+    assert not np.allclose(towers.load_feature_extractor("tiny", seed=1).features(images, progress=False), feats)
     path = tmp_path / "x.png"
     cv2.imwrite(str(path), cv2.cvtColor(images[0], cv2.COLOR_RGB2BGR))
     np.testing.assert_allclose(extractor.features([path], progress=False)[0], feats[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="takes no weights"):
-        q.load_feature_extractor("tiny", tmp_path / "w.pt")
+        towers.load_feature_extractor("tiny", tmp_path / "w.pt")
     with pytest.raises(ValueError, match="uint8 RGB"):
         extractor.features([np.zeros((8, 8), np.uint8)], progress=False)
     with pytest.raises(ValueError, match="no images"):
@@ -198,44 +198,44 @@ def test_torchvision_and_timm_towers_load_a_local_resnet18(resnet18_file):
     model, path = resnet18_file
     rng = np.random.default_rng(6)
     images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
-    tv = q.load_feature_extractor("torchvision:resnet18", path)
+    tv = towers.load_feature_extractor("torchvision:resnet18", path)
     feats = tv.features(images, batch_size=2, progress=False)
     assert feats.shape == (3, 512)
     # Penultimate layer of the very weights in the file (224 px: no resize, ImageNet normalisation).
     x = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2)).float() / 255
-    mean, std = torch.tensor(features._IMAGENET_MEAN), torch.tensor(features._IMAGENET_STD)
+    mean, std = torch.tensor(towers._IMAGENET_MEAN), torch.tensor(towers._IMAGENET_STD)
     x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     model.fc = torch.nn.Identity()
     with torch.no_grad():
         np.testing.assert_allclose(feats, model(x).double().numpy(), rtol=1e-4, atol=1e-5)
     # timm's resnet18 has torchvision's key layout: same file, same features.
-    tm = q.load_feature_extractor("timm:resnet18", path)
+    tm = towers.load_feature_extractor("timm:resnet18", path)
     np.testing.assert_allclose(tm.features(images, progress=False), feats, rtol=1e-4, atol=1e-5)
     # A file without the classifier loads too (the head is cut off either way).
     headless = path.with_name("resnet18_headless.safetensors")
     save_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}, headless)
-    np.testing.assert_allclose(q.load_feature_extractor("torchvision:resnet18", headless).features(
+    np.testing.assert_allclose(towers.load_feature_extractor("torchvision:resnet18", headless).features(
         images[:1], progress=False), feats[:1], rtol=1e-4, atol=1e-5)
 
 
 def test_tower_specs_refuse_what_does_not_fit(resnet18_file, tmp_path):
     _, path = resnet18_file
     with pytest.raises(ValueError, match=r"torchvision:resnet34: the weights in .* do not fit.*missing"):
-        q.load_feature_extractor("torchvision:resnet34", path)
+        towers.load_feature_extractor("torchvision:resnet34", path)
     with pytest.raises(ValueError, match="do not fit"):
-        q.load_feature_extractor("timm:resnet34", path)
+        towers.load_feature_extractor("timm:resnet34", path)
     with pytest.raises(ValueError, match="torchvision has no classification model 'nonet'"):
-        q.load_feature_extractor("torchvision:nonet", path)
+        towers.load_feature_extractor("torchvision:nonet", path)
     with pytest.raises(ValueError, match=r"timm:nonet: Unknown model"):
-        q.load_feature_extractor("timm:nonet", path)
+        towers.load_feature_extractor("timm:nonet", path)
     with pytest.raises(ValueError, match="open_clip has no built-in model"):
-        q.load_feature_extractor("open_clip:hf-hub:someone/model", path)
+        towers.load_feature_extractor("open_clip:hf-hub:someone/model", path)
     with pytest.raises(ValueError, match="unknown feature extractor 'vgg'"):
-        q.load_feature_extractor("vgg", path)
+        towers.load_feature_extractor("vgg", path)
     with pytest.raises(ValueError, match="needs weights=PATH"):
-        q.load_feature_extractor("torchvision:resnet18")
+        towers.load_feature_extractor("torchvision:resnet18")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        q.load_feature_extractor("torchvision:resnet18", tmp_path / "absent.pth")
+        towers.load_feature_extractor("torchvision:resnet18", tmp_path / "absent.pth")
 
 
 def test_open_clip_tower_from_a_visual_state_dict(tmp_path):
@@ -244,7 +244,7 @@ def test_open_clip_tower_from_a_visual_state_dict(tmp_path):
     model = open_clip.create_model("ViT-S-32", pretrained=None).eval()
     path = tmp_path / "clip.safetensors"
     save_state_dict({k: v for k, v in model.state_dict().items() if k.startswith("visual.")}, path)
-    extractor = q.load_feature_extractor("open_clip:ViT-S-32", path)
+    extractor = towers.load_feature_extractor("open_clip:ViT-S-32", path)
     assert extractor.input_size == (224, 224)
     images = [np.random.default_rng(i).integers(0, 256, (224, 224, 3), dtype=np.uint8) for i in range(2)]
     feats = extractor.features(images, progress=False)
@@ -254,10 +254,10 @@ def test_open_clip_tower_from_a_visual_state_dict(tmp_path):
         open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         np.testing.assert_allclose(feats, model.encode_image(x).double().numpy(), rtol=1e-4, atol=1e-5)
-    siglip = q.load_feature_extractor("open_clip:ViT-S-32", path, mean_std=((0.5,) * 3, (0.5,) * 3))
+    siglip = towers.load_feature_extractor("open_clip:ViT-S-32", path, mean_std=((0.5,) * 3, (0.5,) * 3))
     assert siglip.mean == (0.5, 0.5, 0.5) and siglip.std == (0.5, 0.5, 0.5)
     with pytest.raises(ValueError, match="do not fit"):
-        q.load_feature_extractor("open_clip:ViT-S-16", path)
+        towers.load_feature_extractor("open_clip:ViT-S-16", path)
 
 
 def test_inception_needs_its_local_file_and_never_downloads(tmp_path, monkeypatch):
@@ -271,14 +271,14 @@ def test_inception_needs_its_local_file_and_never_downloads(tmp_path, monkeypatc
     monkeypatch.setattr(fe, "load_state_dict_from_url", no_download)
     for weights in (None, tmp_path / "nothere.pth"):
         with pytest.raises(FileNotFoundError) as info:
-            q.load_feature_extractor("inception", weights)
+            towers.load_feature_extractor("inception", weights)
         message = str(info.value)
         assert "\n" not in message and "pt_inception-2015-12-05" in message
-        assert q.INCEPTION_WEIGHTS_FILE in message and q.INCEPTION_URL in message
+        assert towers.INCEPTION_WEIGHTS_FILE in message and towers.INCEPTION_URL in message
     # The architecture with a weight file written here (random weights): 2048-d pool features.
     path = tmp_path / "inception.safetensors"
-    save_state_dict(features._random_inception().state_dict(), path)
-    extractor = q.load_feature_extractor("inception", path)
+    save_state_dict(towers._random_inception().state_dict(), path)
+    extractor = towers.load_feature_extractor("inception", path)
     feats = extractor.features(lesion_images(2), progress=False)
     assert feats.shape == (2, 2048) and np.isfinite(feats).all()
 
@@ -315,7 +315,7 @@ def test_memorisation_flags_an_exact_copy_first_and_draws_the_pairs(tmp_path):
     training = lesion_images(8, seed=21)
     fresh = lesion_images(5, seed=99)
     synthetic = fresh[:2] + [training[5].copy()] + fresh[2:]
-    extractor = q.load_feature_extractor("tiny")
+    extractor = towers.load_feature_extractor("tiny")
     report = q.memorisation(synthetic, training, synthetic_features=extractor.features(synthetic, progress=False),
                             training_features=extractor.features(training, progress=False))
     first = report.matches[0]
@@ -366,12 +366,12 @@ def test_readers_and_equal_count(tmp_path):
             lines.append(json.dumps({"name": name, "image": f"images/{name}.png", "mask": f"masks/{name}.png",
                                      "source": f"/data/{source}.png", "seed": k, "k": k}))
     (run / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    images = q.read_run_images(run)
+    images = features.read_run_images(run)
     assert [r.name for r in images] == ["m1_k0", "m2_k0", "m1_k1", "m2_k1"]
     name, source, path = images[0]
     assert source == "/data/m1.png" and path == run / "images" / "m1_k0.png"
     with pytest.raises(FileNotFoundError, match="no manifest.jsonl"):
-        q.read_run_images(tmp_path)
+        features.read_run_images(tmp_path)
 
     data = tmp_path / "data"
     for i in range(3):
@@ -379,18 +379,18 @@ def test_readers_and_equal_count(tmp_path):
         write_rgb(data / "source" / f"{i}.png", np.zeros((32, 32, 3), np.uint8))
     records = [{"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": "p"} for i in (2, 0, 1)]
     (data / "prompt.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    assert [p.name for p in q.read_dataset_images(data)] == ["2.png", "0.png", "1.png"]
-    assert q.read_dataset_images(data / "prompt.json") == q.read_dataset_images(data)
-    assert [p.name for p in q.read_dataset_images(data / "target")] == ["0.png", "1.png", "2.png"]
+    assert [p.name for p in features.read_dataset_images(data)] == ["2.png", "0.png", "1.png"]
+    assert features.read_dataset_images(data / "prompt.json") == features.read_dataset_images(data)
+    assert [p.name for p in features.read_dataset_images(data / "target")] == ["0.png", "1.png", "2.png"]
     with pytest.raises(ValueError, match="no image files"):
-        q.read_dataset_images(_empty(tmp_path))
+        features.read_dataset_images(_empty(tmp_path))
 
-    real, synth = q.equal_count(q.read_dataset_images(data), images)
+    real, synth = features.equal_count(features.read_dataset_images(data), images)
     assert len(real) == len(synth) == 3 and [s.name for s in synth] == ["m1_k0", "m2_k0", "m1_k1"]
     with pytest.raises(ValueError, match="only 4 synthetic images for 5 real ones"):
-        q.equal_count(list(range(5)), images)
+        features.equal_count(list(range(5)), images)
     with pytest.raises(ValueError, match="only 3 real images for a count of 4"):
-        q.equal_count(list(range(3)), images, count=4)
+        features.equal_count(list(range(3)), images, count=4)
 
 
 def _empty(tmp_path):

@@ -14,9 +14,10 @@ import cv2
 import numpy as np
 import pytest
 
-from siamese.data import read_image_rgb, write_synthetic_dataset
-from siamese.masks import read_mask, resize_mask
-from siamese.repair import dilate_region, paste_weights, repair_items
+from siamese.data.images import read_image_rgb
+from siamese.data.masks import read_mask, resize_mask
+from siamese.data.synthetic import write_synthetic_dataset
+from siamese.meddiff.repair import dilate_region, paste_weights, repair_items
 from siamese.sampling import collect_backgrounds
 from tools import repair_backgrounds
 

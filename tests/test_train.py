@@ -22,7 +22,7 @@ import torch
 from cldm.checkpoints import zero_checkpoint_to_state_dict
 from cldm.convert import training_to_model_keys
 from siamese.config import load_config
-from siamese.data import write_synthetic_dataset
+from siamese.data.synthetic import write_synthetic_dataset
 from siamese.factory import build_model, load_weights, meta_model
 from tools import inference as inference_tool
 from tools import merge_control as merge_tool

@@ -40,16 +40,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ldm.checkpoint import load_state_dict, load_strict, read_metadata
+from ldm.fileio import copy_file_atomic, file_sha256, write_json_atomic
 
 import numpy as np
 import torch
 
 from siamese.config import ConfigError, config_from_metadata
-from siamese.data import read_image_rgb, read_prompt_jsonl
+from siamese.data.images import read_image_rgb
+from siamese.data.layout import read_prompt_jsonl
+from siamese.data.masks import read_mask
+from siamese.data.pairs import read_manifest
 from siamese.evaluation.fidelity import dice, score_pairs, segment_generated_lesion
 from siamese.factory import build_latent_diffusion
-from siamese.masks import read_mask
-from siamese.pairs_io import file_sha256, read_manifest
 from tools import add_control, demo_data, inference, merge_control, pretrain, train, zero_to_fp32
 from tools import evaluate as evaluate_tool
 from tools._cli import make_parser, run
@@ -158,9 +160,7 @@ class Demo:
         if digest != SHIPPED_BASE_SHA256:
             raise DemoError(f"{SHIPPED_BASE} has sha256 {digest}, expected {SHIPPED_BASE_SHA256}: the file is "
                             "damaged or replaced (restore it from git, or pass --pretrain)")
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(SHIPPED_BASE, tmp)
-        tmp.replace(target)
+        copy_file_atomic(SHIPPED_BASE, target)
         with (self.out / "commands.sh").open("a", encoding="utf-8") as handle:
             handle.write(f"cp {shlex.quote(str(SHIPPED_BASE))} {shlex.quote(str(target))}   # sha256 checked\n")
         logger.info("base: the shipped tiny base %s (sha256 ok)", SHIPPED_BASE)
@@ -247,9 +247,7 @@ class Demo:
                   "stage_seconds": self.timings, "skipped_stages": self.skipped,
                   "wall_seconds": round(total_seconds, 1),
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-        tmp = self.path(".report.json.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(self.path("report.json"))
+        write_json_atomic(self.path("report.json"), result)
         write_grid_figure(self.path("grid.png"), self.synth_dir("siamese", "real"),
                           [(m, self.synth_dir(m, "real")) for m in self.models if m != "siamese"], rows=8)
         write_report(self.path("report.md"), result)

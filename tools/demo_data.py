@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siamese.data import PROMPT_FILE, write_synthetic_dataset
+from siamese.data.layout import PROMPT_FILE
+from siamese.data.synthetic import write_synthetic_dataset
 from tools._cli import make_parser, run
 
 

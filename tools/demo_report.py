@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ldm.fileio import write_text_atomic
+
 import cv2
 import numpy as np
 
-from siamese.data import read_image_rgb
-from siamese.masks import read_mask
-from siamese.pairs_io import read_manifest, write_png_atomic
+from siamese.data.images import read_image_rgb, write_png
+from siamese.data.masks import read_mask
+from siamese.data.pairs import read_manifest
 
 CELL = 128
 HEADER = 22
@@ -59,7 +61,7 @@ def write_grid_figure(path: Path, main_dir: Path, others: Sequence[tuple[str, Pa
             cells.append(_cell(read_image_rgb(folder / other["image"])) if other else np.zeros((CELL, CELL, 3),
                                                                                                 np.uint8))
         lines.append(np.concatenate(cells, axis=1))
-    write_png_atomic(path, np.concatenate(lines, axis=0))
+    write_png(path, np.concatenate(lines, axis=0))
     return path
 
 
@@ -117,7 +119,4 @@ def write_report(path: Path, result: dict) -> Path:
               "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in result["stage_seconds"].items()) + ".",
               f"Skipped as already done: {', '.join(result['skipped_stages']) or 'none'}. "
               "The commands each stage ran are in `commands.sh`; every number is in `report.json`.", ""]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, "\n".join(lines))

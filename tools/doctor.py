@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from siamese.config import ConfigError, load_config
-from siamese.data_check import DEFAULT_RESOLUTION, check_dataset, format_findings
+from siamese.data.check import DEFAULT_RESOLUTION, check_dataset, format_findings
 from tools._cli import EXIT_FAILURE, make_parser, run
 
 logger = logging.getLogger("siamese.tools.doctor")

@@ -15,53 +15,14 @@ temporary name and renamed at the end. A folder whose masks are already eroded i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
-from siamese.masks import EROSION_KERNELS, erode_mask, mask_erodes, mask_to_png, read_mask
-from siamese.pairs_io import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, link_or_copy, read_manifest, write_png_atomic
+from siamese.data.masks import EROSION_KERNELS
+from siamese.meddiff.erosion import erode_folder
 from tools._cli import check_output_dir, make_parser, run
 
 logger = logging.getLogger("siamese.erode_masks")
-
-
-
-
-def erode_folder(src: Path, out: Path, pixels: int, kernel: str) -> dict[str, int]:
-    """Write ``out`` from ``src`` with every mask eroded; returns counts (pairs, eroded, kept)."""
-    records = read_manifest(src / MANIFEST_NAME)
-    if not records:
-        raise FileNotFoundError(f"{src / MANIFEST_NAME}: no manifest records (not a tutorial_inference.py output?)")
-    done = [n for n, r in records.items() if int(r.get("erode", 0) or 0) > 0]
-    if done:
-        raise ValueError(f"{src}: pair {done[0]} is already eroded by {records[done[0]]['erode']} px; erode its "
-                         "source folder instead")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / IMAGES_DIR).mkdir(parents=True)
-    (tmp / MASKS_DIR).mkdir(parents=True)
-    counts = {"pairs": 0, "eroded": 0, "kept": 0}
-    lines = []
-    for name, record in records.items():
-        image, mask_file = src / record["image"], src / record["mask"]
-        if not image.is_file() or not mask_file.is_file():
-            raise FileNotFoundError(f"{src}: pair {name} is incomplete ({record['image']} / {record['mask']} missing)")
-        mask01 = read_mask(mask_file, threshold=127)
-        changed = mask_erodes(mask01, pixels, kernel)
-        write_png_atomic(tmp / record["mask"], mask_to_png(erode_mask(mask01, pixels, kernel)))
-        link_or_copy(image, tmp / record["image"])
-        lines.append(json.dumps({**record, "erode": pixels, "erode_kernel": kernel, "mask_eroded": changed,
-                                 "eroded_from": str(src)}))
-        counts["pairs"] += 1
-        counts["eroded" if changed else "kept"] += 1
-    (tmp / MANIFEST_NAME).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return counts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,18 +26,21 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
+
+from ldm.fileio import write_json_atomic, write_text_atomic
 
 import numpy as np
 
 from siamese.evaluation import quality
 from siamese.evaluation.benchmark import run_benchmark, summarise_results
+from siamese.evaluation.features import equal_count, pixel_vectors, read_run_images
 from siamese.evaluation.fidelity import score_pairs, segmenter_rule
 from siamese.evaluation.report import benchmark_plot, benchmark_table, write_markdown
 from siamese.evaluation.segmenter import load_segmenter, save_segmenter, train_segmenter
 from siamese.evaluation.splits import load_or_make_split, real_pairs
+from siamese.evaluation.towers import INCEPTION_WEIGHTS_FILE, load_feature_extractor
 from tools._cli import make_parser, run
 from tools.segmentation_benchmark import add_benchmark_args, benchmark_config
 
@@ -72,9 +75,7 @@ def _fidelity(args: argparse.Namespace, cfg, out: Path) -> dict:
         lines = [json.dumps({"name": s.name, "dice": round(s.dice, 5), "mask_area": round(s.mask_area, 5)})
                  for s in scores]
         target = out / "fidelity" / f"{folder.name}.jsonl"
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
+        write_text_atomic(target, "\n".join(lines) + "\n")
         dice = np.array([s.dice for s in scores])
         results[str(folder)] = {"pairs": len(scores), "dice_mean": float(dice.mean()), "dice_std": float(dice.std()),
                                 "dice_median": float(np.median(dice)), "share_ge_0.7": float((dice >= 0.7).mean()),
@@ -84,20 +85,20 @@ def _fidelity(args: argparse.Namespace, cfg, out: Path) -> dict:
 
 def _extractor(args: argparse.Namespace):
     if args.inception:
-        return quality.load_feature_extractor("inception", args.inception, device=args.device)
+        return load_feature_extractor("inception", args.inception, device=args.device)
     if args.features:
-        return quality.load_feature_extractor(args.features, args.feature_weights, device=args.device)
+        return load_feature_extractor(args.features, args.feature_weights, device=args.device)
     return None
 
 
 def _quality(args: argparse.Namespace, out: Path, split_train: list[Path]) -> dict:
     """FID/KID, diversity and memorisation of all synthetic runs together against the real training images."""
-    runs = [image for folder in args.synthetic for image in quality.read_run_images(folder)]
+    runs = [image for folder in args.synthetic for image in read_run_images(folder)]
     extractor = _extractor(args)
     result: dict = {"feature_extractor": None if extractor is None else (args.features or "inception")}
     synth_paths = [r.path for r in runs]
     if extractor is not None:
-        real_n, synth_n = quality.equal_count(split_train, synth_paths, args.fid_count)
+        real_n, synth_n = equal_count(split_train, synth_paths, args.fid_count)
         real_f = extractor.features(real_n, progress=not args.no_progress)
         synth_f = extractor.features(synth_n, progress=not args.no_progress)
         kid = quality.kernel_inception_distance(real_f, synth_f, subsets=100, subset_size=min(1000, len(real_n)))
@@ -107,11 +108,11 @@ def _quality(args: argparse.Namespace, out: Path, split_train: list[Path]) -> di
         train_f = extractor.features(split_train, progress=not args.no_progress)
     else:
         result["skipped"] = (f"FID/KID and feature-space diversity/memorisation need --inception PATH (the "
-                             f"{quality.INCEPTION_WEIGHTS_FILE} weights) or --features SPEC --feature-weights PATH; "
+                             f"{INCEPTION_WEIGHTS_FILE} weights) or --features SPEC --feature-weights PATH; "
                              "without them the downscaled pixels stand in as features")
-        all_synth_f, train_f = quality.pixel_vectors(synth_paths), quality.pixel_vectors(split_train)
+        all_synth_f, train_f = pixel_vectors(synth_paths), pixel_vectors(split_train)
     diversity = quality.intra_mask_diversity(all_synth_f, [r.source for r in runs],
-                                             pixels=quality.pixel_vectors(synth_paths))
+                                             pixels=pixel_vectors(synth_paths))
     result["diversity"] = {"mean_pixel_rmse": _finite(diversity.mean_pixel_rmse),
                            "mean_feature_cosine": _finite(diversity.mean_feature_cosine) if extractor else None,
                            "masks": len(diversity.per_mask), "skipped_single_sample_masks": diversity.skipped_single}
@@ -174,9 +175,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     split = json.loads((out / "splits.json").read_text())
     result["quality"] = _quality(args, out, [pairs[n].image for n in split["train"]])
     result["seconds"] = round(time.perf_counter() - start, 1)
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "report.json")
+    write_json_atomic(out / "report.json", result, indent=1, default=str)
     _report(args, result, out)
     return result
 
@@ -189,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (report.md, report.json, PNGs)")
     p.add_argument("--no-benchmark", action="store_true", help="skip the downstream benchmark")
     q = p.add_argument_group("image quality")
-    q.add_argument("--inception", type=Path, help=f"local FID Inception weights ({quality.INCEPTION_WEIGHTS_FILE})")
+    q.add_argument("--inception", type=Path, help=f"local FID Inception weights ({INCEPTION_WEIGHTS_FILE})")
     q.add_argument("--features", help="another local image tower for FID/KID/memorisation: torchvision:ARCH, "
                                       "timm:NAME or open_clip:MODEL (with --feature-weights)")
     q.add_argument("--feature-weights", type=Path, help="the weight file of --features")

@@ -18,16 +18,13 @@ line (cldm/diffusers_export.py).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import secrets
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from ldm.checkpoint import load_state_dict, save_state_dict
+from ldm.fileio import replace_dir, write_json_atomic
 
 from torch import Tensor
 
@@ -55,30 +52,11 @@ def check_replaceable(out: Path) -> None:
 
 
 def write_folder(out: Path, config: dict[str, Any], tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
-    """``config.json`` and the weights into a hidden temporary folder beside ``out``, renamed into place at the end
-    (an existing ``out`` is moved aside just before and deleted after), so ``out`` is never half-written."""
-    parent = out.resolve().parent
-    tmp = parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
-    old: Path | None = None
-    try:
-        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+    """``config.json`` and the weights, built complete in a temporary folder beside ``out`` and swapped in
+    (``ldm.fileio.replace_dir``), so ``out`` is never half-written and a crash leaves the old or the new folder."""
+    with replace_dir(out) as tmp:
+        write_json_atomic(tmp / CONFIG_NAME, config, sort_keys=True)
         save_state_dict(tensors, tmp / WEIGHTS_NAME, metadata=metadata)
-        if out.exists():
-            old = parent / f".{out.name}.{secrets.token_hex(4)}.old.tmp"
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        if old is not None and not out.exists():
-            old.rename(out)
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
     return out
 
 

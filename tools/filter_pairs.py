@@ -5,7 +5,7 @@
     python -m tools.filter_pairs synth/siamese --real data/polyps --out synth/f --low 0.55 --high 0.97 ...
 
 MedDiff-FT's quality filter (Xie et al., MICCAI 2025): each generated image's cosine similarity to its nearest real
-image in a frozen feature space (``siamese/evaluation/filtering.py``; the band defaults to what the real images'
+image in a frozen feature space (``siamese/meddiff/filtering.py``; the band defaults to what the real images'
 leave-one-out similarities imply, ``--low`` / ``--high`` set it). SRC is a folder tutorial_inference.py wrote; REAL a
 prompt.json dataset or a folder of images. OUT becomes a pairs folder of the kept pairs (images and masks hard-linked
 where possible, else copied; ``manifest.jsonl`` with each kept line plus its ``filter_similarity``), usable as is by
@@ -18,21 +18,16 @@ real image and verdict. Nothing is deleted; SRC is never modified. The feature t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
-from siamese.evaluation.features import load_feature_extractor, read_dataset_images
-from siamese.evaluation.filtering import default_band, judge
-from siamese.pairs_io import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, link_or_copy, read_manifest
+from siamese.data.pairs import complete_records
+from siamese.evaluation.features import read_dataset_images
+from siamese.evaluation.towers import load_feature_extractor
+from siamese.meddiff.filtering import default_band, judge, write_kept
 from tools._cli import check_output_dir, make_parser, run
 
 logger = logging.getLogger("siamese.filter_pairs")
-REPORT_NAME = "filter_report.json"
-
-
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,12 +59,7 @@ def _body(args: argparse.Namespace) -> int:
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the source folder; the source is never modified")
     check_output_dir(out, force=args.force)
-    records = read_manifest(src / MANIFEST_NAME)
-    if not records:
-        raise FileNotFoundError(f"{src / MANIFEST_NAME}: no manifest records (not a tutorial_inference.py output?)")
-    for name, record in records.items():
-        if not (src / record["image"]).is_file() or not (src / record["mask"]).is_file():
-            raise FileNotFoundError(f"{src}: pair {name} is incomplete ({record['image']} / {record['mask']} missing)")
+    records = complete_records(src)
     real_images = read_dataset_images(args.real)
     extractor = load_feature_extractor(args.features, args.weights, device=args.device, image_size=args.image_size)
     progress = not args.no_progress
@@ -83,28 +73,13 @@ def _body(args: argparse.Namespace) -> int:
     if not kept:
         raise ValueError(f"the filter keeps no pair of {len(names)} (band [{band.low:.4f}, {band.high:.4f}]: "
                          f"{counts['near-copy']} near-copies, {counts['off-domain']} off-domain); nothing written")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / IMAGES_DIR).mkdir(parents=True)
-    (tmp / MASKS_DIR).mkdir(parents=True)
-    by_name = dict(zip(names, verdicts, strict=True))
-    lines = []
-    for name in kept:
-        record = records[name]
-        link_or_copy(src / record["image"], tmp / record["image"])
-        link_or_copy(src / record["mask"], tmp / record["mask"])
-        lines.append(json.dumps({**record, "filter_similarity": by_name[name].similarity, "filtered_from": str(src)}))
-    (tmp / MANIFEST_NAME).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     report = {"source": str(src), "real": str(args.real), "features": args.features,
               "weights": str(args.weights) if args.weights else None,
               "band": {"low": band.low, "high": band.high, "low_from": band.low_source, "high_from": band.high_source},
               "counts": counts,
               "pairs": [{"name": n, "similarity": v.similarity, "nearest_real": str(real_images[v.nearest_real]),
                          "verdict": v.verdict} for n, v in zip(names, verdicts, strict=True)]}
-    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    write_kept(src, out, records, dict(zip(names, verdicts, strict=True)), report)
     logger.info("kept %d of %d pairs (band [%.4f, %.4f]; %d near-copies, %d off-domain): %s", counts["kept"],
                 len(names), band.low, band.high, counts["near-copy"], counts["off-domain"], out)
     return 0

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from ldm.checkpoint import CheckpointKeyError, read_metadata
+from ldm.fileio import file_sha256
 from ldm.solvers import SAMPLERS
 
 import torch
@@ -35,9 +36,9 @@ from siamese.config import (
     config_hash,
     load_config,
 )
+from siamese.data.masks import MaskAugment
+from siamese.data.pairs import PairWriter, write_grid
 from siamese.factory import build_latent_diffusion, build_model, load_weights
-from siamese.masks import MaskAugment
-from siamese.pairs_io import PairWriter, file_sha256, write_grid
 from siamese.sampling import (
     MASK_MODES,
     PRECISIONS,

@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from ldm.checkpoint import load_state_dict, load_strict, read_metadata, save_state_dict
+from ldm.fileio import replace_dir, write_json_atomic
 from ldm.unet import UNetModel
 
 import numpy as np
@@ -38,7 +38,9 @@ from siamese.config import (
     config_from_metadata,
     load_config,
 )
-from siamese.maskgen import (
+from siamese.data.images import write_png
+from siamese.data.masks import mask_to_png
+from siamese.meddiff.maskgen import (
     MaskDataset,
     MaskDDPMModule,
     build_denoiser,
@@ -50,8 +52,6 @@ from siamese.maskgen import (
     sample_masks,
     training_masks,
 )
-from siamese.masks import mask_to_png
-from siamese.pairs_io import write_png_atomic
 from tools._cli import add_common_flags, check_output, check_output_dir, make_parser, run
 from tools.pretrain import consolidated_weights, stage_run
 from tools.train import train
@@ -123,18 +123,14 @@ def sample_folder(ckpt: Path, out: Path, n: int, *, seed: int = 0, steps: int | 
     per_mask, summary = mask_statistics(generated, np.stack(reference))
     summary.update({"seed": seed, "steps": steps or m.sample_steps, "sampler": cfg.sample.sampler,
                     "checkpoint": str(ckpt)})
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "masks").mkdir(parents=True)
-    with open(tmp / "manifest.jsonl", "w", encoding="utf-8") as manifest:
-        for i, (mask, stats) in enumerate(zip(generated, per_mask)):
-            name = f"gen_{i:06d}"
-            write_png_atomic(tmp / "masks" / f"{name}.png", mask_to_png(mask))
-            manifest.write(json.dumps({"name": name, "seed": seeds[i], **stats}) + "\n")
-    (tmp / "statistics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with replace_dir(out) as tmp:
+        (tmp / "masks").mkdir()
+        with open(tmp / "manifest.jsonl", "w", encoding="utf-8") as manifest:
+            for i, (mask, stats) in enumerate(zip(generated, per_mask)):
+                name = f"gen_{i:06d}"
+                write_png(tmp / "masks" / f"{name}.png", mask_to_png(mask))
+                manifest.write(json.dumps({"name": name, "seed": seeds[i], **stats}) + "\n")
+        write_json_atomic(tmp / "statistics.json", summary)
     if summary["empty_generated"]:
         logger.warning("%d of %d generated masks are empty (kept, listed in the manifest with area 0)",
                        summary["empty_generated"], n)

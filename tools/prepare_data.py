@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siamese.data import DEFAULT_PROMPT
-from siamese.data_prep import prepare_dataset
+from siamese.data.layout import DEFAULT_PROMPT
+from siamese.data.prepare import prepare_dataset
 from tools._cli import make_parser, run
 
 

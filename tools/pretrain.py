@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from ldm.autoencoder import AutoencoderKL
 from ldm.checkpoint import filter_prefix, load_state_dict, load_strict, read_metadata, save_state_dict
+from ldm.fileio import copy_file_atomic
 from ldm.perceptual import PerceptualDistance
 
 import torch
@@ -197,9 +197,7 @@ def pretrain(cfg: ExperimentConfig, out: Path, stages: tuple[str, ...], *, resum
         save_state_dict(weights, result, metadata=checkpoint_metadata(cfg, "base"), overwrite=True)
         logger.info("stage unet: done, %s", result)
     if out.resolve() != result.resolve():
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.copyfile(result, tmp)
-        tmp.replace(out)
+        copy_file_atomic(result, out)
     scale = config_from_metadata(read_metadata(result), str(result)).model.first_stage.scale_factor
     logger.info("base model: %s (%.0f s). Next: python tool_add_control.py %s INIT.safetensors --config CFG "
                 "model.first_stage.scale_factor=%s (and the same model.first_stage.scale_factor in the training "

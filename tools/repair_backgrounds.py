@@ -26,14 +26,14 @@ import logging
 from pathlib import Path
 
 from ldm.checkpoint import CheckpointKeyError, read_metadata
+from ldm.fileio import file_sha256
 from ldm.solvers import SAMPLERS
 
 from tqdm.auto import tqdm
 
 from siamese.config import METADATA_KIND
 from siamese.factory import build_latent_diffusion, load_weights
-from siamese.pairs_io import file_sha256
-from siamese.repair import repair, repair_items, write_repairs
+from siamese.meddiff.repair import repair, repair_items, write_repairs
 from tools._cli import add_common_flags, check_output_dir, make_parser, run
 from tools.inference import default_device, resolve_config
 

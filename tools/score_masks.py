@@ -26,16 +26,11 @@ import os
 import sys
 from pathlib import Path
 
+from ldm.fileio import write_text_atomic
+
 from siamese.config import ConfigError
-from siamese.evaluation.metrics import (
-    METRICS,
-    SWEEP_THRESHOLDS,
-    MaskScores,
-    format_summary,
-    pair_masks,
-    score_mask_pairs,
-    summarize,
-)
+from siamese.evaluation.metrics import METRICS, SWEEP_THRESHOLDS, MaskScores, format_summary, summarize
+from siamese.evaluation.scoring import pair_masks, score_mask_pairs
 from tools._cli import make_parser, run
 
 logger = logging.getLogger("siamese.tools.score_masks")
@@ -59,15 +54,6 @@ def _outputs(out: Path | None, force: bool) -> tuple[Path, Path] | None:
     return out, summary
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _csv_text(rows: list[tuple[str, MaskScores]]) -> str:
@@ -115,8 +101,8 @@ def _body(args: argparse.Namespace) -> int:
                     "undefined (exactly one mask empty), left out of the mean",
             "metrics": {name: summary[name].as_dict() for name in METRICS},
         }
-        _write_atomic(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
-        _write_atomic(csv_path, _csv_text(rows))
+        write_text_atomic(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        write_text_atomic(csv_path, _csv_text(rows))
         logger.info("wrote %s and %s", csv_path, json_path)
     undefined = summary["hd95"].undefined
     if undefined:

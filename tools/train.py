@@ -37,7 +37,7 @@ from cldm.data_order import StepSampler
 from cldm.lightning import ControlNetModule, TrainModule, TrainSettings
 from cldm.strategy import AtomicCheckpointIO, make_strategy
 from siamese.config import ConfigError, ExperimentConfig, check_same_latents, load_config, save_config, to_yaml
-from siamese.data import MaskImageDataset
+from siamese.data.datasets import MaskImageDataset
 from siamese.factory import add_adapters, build_dataset, build_model, load_weights
 from siamese.lightning import SiameseModule
 from siamese.run_dir import (
@@ -115,9 +115,10 @@ def validation_callback(cfg: ExperimentConfig) -> MaskValidation:
     rule of the generated domain; without either, only the grid is logged)."""
     import numpy as np
 
-    from siamese.data import DEFAULT_PROMPT, synthetic_pair
+    from siamese.data.layout import DEFAULT_PROMPT
+    from siamese.data.masks import read_mask, resize_mask
+    from siamese.data.synthetic import synthetic_pair
     from siamese.evaluation.fidelity import colour_rule, dice, segmenter_rule
-    from siamese.masks import read_mask, resize_mask
     from siamese.sampling import collect_masks
 
     t, size = cfg.train, cfg.hint_size

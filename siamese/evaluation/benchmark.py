@@ -16,19 +16,20 @@ import csv
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ldm.fileio import atomic_path
+
 import numpy as np
 
-from siamese.data import read_image_rgb
+from siamese.data.images import read_image_rgb
+from siamese.data.masks import read_mask
+from siamese.data.pairs import read_manifest
 from siamese.evaluation.metrics import dice, iou
 from siamese.evaluation.segmenter import SegmenterConfig, predict, save_segmenter, train_segmenter
 from siamese.evaluation.splits import Pair, check_no_leak, load_or_make_split, real_pairs
-from siamese.masks import read_mask
-from siamese.pairs_io import read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +96,10 @@ def _read_results(path: Path) -> list[dict[str, str]]:
 def _append_result(path: Path, row: dict) -> None:
     """Rewrite results.csv with the new row (temporary file, rename): a crash never leaves half a row."""
     rows = _read_results(path) + [{k: row[k] for k in COLUMNS}]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def run_benchmark(real_root: str | Path, synthetic: Sequence[str | Path], out: str | Path, cfg: BenchmarkConfig, *,

@@ -20,10 +20,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from siamese.data import read_image_rgb
+from siamese.data.images import read_image_rgb
+from siamese.data.masks import read_mask
+from siamese.data.pairs import read_manifest
 from siamese.evaluation.metrics import dice
-from siamese.masks import read_mask
-from siamese.pairs_io import read_manifest
 
 __all__ = ["PairScore", "colour_rule", "dice", "score_pairs", "segment_generated_lesion", "segmenter_rule"]
 

@@ -46,23 +46,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from siamese.evaluation.features import (  # noqa: F401  (re-exported: the quality measures' inputs)
-    DEFAULT_PIXEL_SIZE,
-    INCEPTION_URL,
-    INCEPTION_WEIGHTS_FILE,
-    FeatureExtractor,
-    ImageLike,
-    RunImage,
-    _label,
-    _load_rgb,
-    _resize,
-    equal_count,
-    load_feature_extractor,
-    pixel_vectors,
-    read_dataset_images,
-    read_run_images,
-)
-from siamese.pairs_io import write_png_atomic
+from siamese.data.images import write_png
+from siamese.evaluation.features import DEFAULT_PIXEL_SIZE, ImageLike, _label, _load_rgb, _resize, pixel_vectors
 
 __all__ = [
     "DEFAULT_FEATURE_THRESHOLD",
@@ -76,16 +61,6 @@ __all__ = [
     "intra_mask_diversity",
     "kernel_inception_distance",
     "memorisation",
-    # inputs, from siamese.evaluation.features
-    "INCEPTION_URL",
-    "INCEPTION_WEIGHTS_FILE",
-    "FeatureExtractor",
-    "RunImage",
-    "equal_count",
-    "load_feature_extractor",
-    "pixel_vectors",
-    "read_dataset_images",
-    "read_run_images",
 ]
 
 logger = logging.getLogger(__name__)
@@ -345,7 +320,7 @@ class MemorisationReport:
             rows.append(np.concatenate([pair, caption], axis=0))
         if not rows:
             raise ValueError("no matches to draw")
-        write_png_atomic(path, np.concatenate(rows, axis=0))
+        write_png(path, np.concatenate(rows, axis=0))
         return path
 
 

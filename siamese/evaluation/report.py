@@ -5,16 +5,10 @@ Plots use matplotlib's Agg backend (files only, no display needed).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
-
-def _atomic_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+from ldm.fileio import atomic_path, write_text_atomic
 
 
 def arm_label(row: dict) -> str:
@@ -59,12 +53,11 @@ def benchmark_plot(summary: Sequence[dict], path: Path, title: str = "Downstream
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
 def write_markdown(path: Path, lines: Sequence[str]) -> Path:
-    return _atomic_text(path, "\n".join(lines) + "\n")
+    return write_text_atomic(path, "\n".join(lines) + "\n")

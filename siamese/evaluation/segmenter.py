@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from siamese.data.images import resize_image
+from siamese.data.masks import resize_mask
+
 logger = logging.getLogger(__name__)
 
 NETWORKS = ("basic_unet", "smp_unet")
@@ -63,11 +66,10 @@ def build_segmenter(cfg: SegmenterConfig) -> nn.Module:
 
 
 def _prepare(rgb: np.ndarray, mask01: np.ndarray | None, size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    image = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA if rgb.shape[0] >= size else cv2.INTER_CUBIC)
-    image = image.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+    image = resize_image(rgb, size).transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
     if mask01 is None:
         return image, None
-    return image, cv2.resize(mask01, (size, size), interpolation=cv2.INTER_NEAREST).astype(np.float32)[None]
+    return image, resize_mask(mask01, size).astype(np.float32)[None]
 
 
 def stack_pairs(pairs: Sequence[tuple[np.ndarray, np.ndarray]], size: int) -> tuple[Tensor, Tensor]:

@@ -13,15 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldm.fileio import write_json_atomic
+
 import numpy as np
 
-from siamese.data import PROMPT_FILE, read_prompt_jsonl
+from siamese.data.layout import PROMPT_FILE, read_prompt_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +93,8 @@ def load_or_make_split(out: Path, pairs: list[Pair], *, test_fraction: float, se
         return {"train": saved["train"], "test": saved["test"]}
     split = make_split(pairs, test_fraction=test_fraction, seed=seed, group_regex=group_regex)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{SPLITS_FILE}.tmp")
-    tmp.write_text(json.dumps({**split, "seed": seed, "test_fraction": test_fraction, "group_regex": group_regex},
-                              indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, {**split, "seed": seed, "test_fraction": test_fraction, "group_regex": group_regex},
+                      indent=1)
     logger.info("wrote the split %s (%d train, %d test, seed %d)", path, len(split["train"]), len(split["test"]), seed)
     return split
 

@@ -2,8 +2,8 @@
 
 MedDiff-FT trains a small pixel-space DDPM on the dataset's binary masks and samples new masks for the image-mask
 pair sampler. Defaults are the paper's size (a 4-level UNet, widths 64/128/256/512, 256² masks) and the original DDPM
-schedule (Ho et al. 2020: linear β from 1e-4 to 2e-2 over T = 1000). Kept out of ``siamese.config`` (which only holds
-the field) so the schema file stays small; ``problems`` lists what ``siamese.config.check`` reports.
+schedule (Ho et al. 2020: linear β from 1e-4 to 2e-2 over T = 1000). The schema knows every section, so this one
+lives with it although ``siamese.meddiff.maskgen`` is its only user; ``problems`` lists what ``check`` reports.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ldm.schedule import BETA_KINDS
 
-PREDICTIONS = ("v", "eps")  # what the mask network predicts (siamese.maskgen.training_target)
+PREDICTIONS = ("v", "eps")  # what the mask network predicts (siamese.meddiff.maskgen.training_target)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class MaskGenConfig:
     batch_size: int = 16
     sample_steps: int = 50  # DDIM steps (sample.sampler chooses the solver)
     threshold: float = 0.5  # foreground where (x + 1) / 2 > threshold
-    prediction: str = "v"  # v (Salimans & Ho 2022) or eps (DDPM's); see siamese.maskgen
+    prediction: str = "v"  # v (Salimans & Ho 2022) or eps (DDPM's); see siamese.meddiff.maskgen
     beta_schedule: str = "linear"
     timesteps: int = 1000
     linear_start: float = 1.0e-4

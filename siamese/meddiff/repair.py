@@ -18,21 +18,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldm.fileio import replace_dir
 from ldm.model import LatentDiffusion
 
 import cv2
 import numpy as np
 import torch
 
-from siamese.data import read_image_rgb, read_prompt_jsonl
-from siamese.masks import mask_to_png, read_mask, resize_mask
-from siamese.pairs_io import IMAGES_DIR, MANIFEST_NAME, write_png_atomic
+from siamese.data.images import read_image_rgb, resize_image, write_png
+from siamese.data.layout import read_prompt_jsonl
+from siamese.data.masks import mask_to_png, read_mask, resize_mask
+from siamese.data.pairs import IMAGES_DIR, MANIFEST_NAME
 
 REGIONS_DIR = "regions"
 GRID_NAME = "grid.png"
@@ -103,7 +103,7 @@ def _load(item: RepairItem, size: int) -> tuple[np.ndarray, np.ndarray]:
     (h, w), (mh, mw) = rgb.shape[:2], mask.shape[:2]
     if abs(h / w - mh / mw) > 0.01 * (mh / mw):
         raise ValueError(f"{item.image} is {h}×{w} but its mask {item.mask} is {mh}×{mw}: different aspect ratios")
-    real = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+    real = resize_image(rgb, size)
     return real, resize_mask(mask, size)
 
 
@@ -147,22 +147,15 @@ def _grid(results: Sequence[Repaired], cell: int) -> np.ndarray:
 
 
 def write_repairs(results: Iterator[Repaired], out: Path, run_info: dict, *, grid: int = 8) -> int:
-    """Write a background library into ``out`` (under ``out.partial``, renamed when complete); returns the count."""
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / IMAGES_DIR).mkdir(parents=True)
-    (tmp / REGIONS_DIR).mkdir()
-    shown, count = [], 0
-    try:
+    """Write a background library into ``out`` (built complete in a temporary folder, then swapped in:
+    ``ldm.fileio.replace_dir``); returns the count."""
+    with replace_dir(out) as tmp:
+        (tmp / IMAGES_DIR).mkdir()
+        (tmp / REGIONS_DIR).mkdir()
+        shown: list[Repaired] = []
         count = _write_all(results, tmp, run_info, shown, grid)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left
-        raise
-    if shown:
-        write_png_atomic(tmp / GRID_NAME, _grid(shown, cell=min(shown[0].image.shape[0], 128)))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        if shown:
+            write_png(tmp / GRID_NAME, _grid(shown, cell=min(shown[0].image.shape[0], 128)))
     return count
 
 
@@ -170,8 +163,8 @@ def _write_all(results: Iterator[Repaired], tmp: Path, run_info: dict, shown: li
     count = 0
     with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as manifest:
         for r in results:
-            write_png_atomic(tmp / IMAGES_DIR / f"{r.item.name}.png", r.image)
-            write_png_atomic(tmp / REGIONS_DIR / f"{r.item.name}.png", mask_to_png(r.region))
+            write_png(tmp / IMAGES_DIR / f"{r.item.name}.png", r.image)
+            write_png(tmp / REGIONS_DIR / f"{r.item.name}.png", mask_to_png(r.region))
             manifest.write(json.dumps({"name": r.item.name, "image": f"{IMAGES_DIR}/{r.item.name}.png",
                                        "region": f"{REGIONS_DIR}/{r.item.name}.png", "source_image": str(r.item.image),
                                        "source_mask": str(r.item.mask), "prompt": r.item.prompt, "seed": r.item.seed,

@@ -5,93 +5,27 @@ binarises to nothing shows up hours into a multi-GPU run (or never: an empty mas
 reads everything once, one file at a time, and returns *findings*: one per kind of problem (severity ``error``,
 ``warning`` or ``info``, a code, a count and a few example files). Errors make training fail or the data useless;
 warnings are probably unintended; infos say how the loader will treat the data. The reading rules are the training
-loader's own (``siamese.data``, ``siamese.masks``), so what is reported is what training will see.
+loader's own (``siamese.data.images``, ``siamese.data.masks``), so what is reported is what training will see.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from siamese.data import (
-    PROMPT_FILE,
-    aspect_ratios_differ,
-    decode_image,
-    image_to_rgb8,
-    parse_prompt_line,
-    resolve_record_path,
-)
-from siamese.masks import DEFAULT_THRESHOLD, is_label_mask, mask_to_gray, resolve_threshold
+from siamese.data.findings import SEVERITIES, WHAT, Finding, Findings, format_findings
+from siamese.data.images import aspect_ratios_differ, decode_image, image_to_rgb8
+from siamese.data.layout import PROMPT_FILE, parse_prompt_line, resolve_record_path
+from siamese.data.masks import DEFAULT_THRESHOLD, is_label_mask, mask_to_gray, resolve_threshold
 
 __all__ = ["SEVERITIES", "Finding", "check_dataset", "describe_mask", "format_findings"]
 
-SEVERITIES = ("error", "warning", "info")
-EXAMPLES = 3  # example files kept per finding
 DEFAULT_RESOLUTION = 384  # the paper's training resolution (data.resolution's default)
-
-# What each code means; the table shows this unless a finding has a more specific text.
-WHAT = {
-    "bad_line": "prompt.json lines that training cannot parse",
-    "no_records": "prompt.json has no records",
-    "missing_file": "referenced files that do not exist",
-    "unreadable_file": "files that cannot be read or decoded as images",
-    "aspect_mismatch": "image and mask aspect ratios differ: the pair cannot line up",
-    "size_mismatch": "image and mask sizes differ (same aspect ratio): both are resized, the pair still lines up",
-    "label_mask": "0/1 label masks",
-    "multiclass_mask": "multi-class masks (3+ distinct classes): all classes above the threshold merge into one "
-                       "foreground, the others into background",
-    "nonbinary_mask": "non-binary masks (soft edges or JPEG noise): binarised at the threshold",
-    "colour_mask": "two-colour masks: reduced to gray (luma, as PIL convert('L')) before the threshold",
-    "empty_mask": "masks that are all background after binarisation",
-    "full_mask": "masks that are all foreground after binarisation",
-    "duplicate_image": "the same image content (sha256) used by several records under different paths",
-    "duplicate_path": "the same file path used by several records",
-    "gray_image": "single-channel (gray) images: read as RGB with the gray value replicated to 3 channels",
-    "image_16bit": "16-bit images: scaled to 8 bit (value // 257, 65535 → 255), not clipped",
-    "alpha_image": "images with an alpha channel: the alpha channel is dropped (not composited)",
-    "small_image": "images smaller than the training resolution: upsampled (bicubic)",
-    "non_square": "non-square images: squashed to a square (the aspect ratio is not kept, as in the original)",
-    "checked": "pairs read and checked",
-}
-
-
-@dataclass
-class Finding:
-    """One kind of problem: how bad, what, how many records or lines, and a few examples (file names, lines)."""
-
-    severity: str
-    code: str
-    what: str
-    count: int = 0
-    examples: list[str] = field(default_factory=list)
-
-
-class _Findings:
-    def __init__(self) -> None:
-        self._by_code: dict[str, Finding] = {}
-
-    def add(self, severity: str, code: str, example: str | None = None, count: int = 1) -> Finding:
-        finding = self._by_code.get(code)
-        if finding is None:
-            finding = self._by_code[code] = Finding(severity, code, WHAT[code])
-        finding.count += count
-        if example is not None and len(finding.examples) < EXAMPLES:
-            finding.examples.append(example)
-        return finding
-
-    def get(self, code: str) -> Finding | None:
-        return self._by_code.get(code)
-
-    def sorted(self) -> list[Finding]:
-        order = {severity: rank for rank, severity in enumerate(SEVERITIES)}
-        return sorted(self._by_code.values(), key=lambda f: order[f.severity])  # stable: first-seen order within
-
 
 # ---------------------------------------------------------------------------------------------------- masks
 
@@ -192,7 +126,7 @@ def _read_bytes(path: Path) -> np.ndarray:
     return np.fromfile(path, dtype=np.uint8)
 
 
-def _parse(prompt_file: Path, found: _Findings) -> list[_Record]:
+def _parse(prompt_file: Path, found: Findings) -> list[_Record]:
     """All well-formed lines whose files exist; every bad line and missing file becomes a finding."""
     base = prompt_file.resolve().parent
     records: list[_Record] = []
@@ -266,7 +200,7 @@ def check_dataset(root: str | Path, *, resolution: int = DEFAULT_RESOLUTION, thr
     if threshold is not None and not 0 <= threshold <= 254:
         raise ValueError(f"mask threshold {threshold} must lie in 0..254 or be None (automatic)")
     base = prompt_file.resolve().parent
-    found = _Findings()
+    found = Findings()
     records = _parse(prompt_file, found)
     if not records and found.get("bad_line") is None and found.get("missing_file") is None:
         found.add("error", "no_records", f"{prompt_file} (expected JSONL lines with source/target/prompt)")
@@ -321,7 +255,7 @@ def check_dataset(root: str | Path, *, resolution: int = DEFAULT_RESOLUTION, thr
     return found.sorted()
 
 
-def _check_image(path: Path, resolved: Path, shown: str, resolution: int, found: _Findings,
+def _check_image(path: Path, resolved: Path, shown: str, resolution: int, found: Findings,
                  digests: dict[str, list[Path]] | None) -> tuple[int, int] | None:
     """Decode one image as training does; returns (height, width) or None when it cannot be read."""
     try:
@@ -350,7 +284,7 @@ def _check_image(path: Path, resolved: Path, shown: str, resolution: int, found:
 
 
 def _check_mask(path: Path, shown: str, threshold: int | None,
-                found: _Findings) -> tuple[tuple[int, int], bool] | None:
+                found: Findings) -> tuple[tuple[int, int], bool] | None:
     """Decode and classify one mask; returns ((height, width), empty after binarisation) or None if unreadable."""
     try:
         raw = _read_bytes(path)
@@ -380,36 +314,3 @@ def _check_mask(path: Path, shown: str, threshold: int | None,
 def _short(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text if len(text) <= 160 else text[:157] + "…"
-
-
-# ---------------------------------------------------------------------------------------------------- report
-
-
-def format_findings(findings: Iterable[Finding], width: int = 110) -> str:
-    """A plain-text table, one row per finding (severity, code, count, what) with its examples indented below."""
-    findings = list(findings)
-    rows = [("SEVERITY", "CODE", "COUNT", "WHAT")] + [(f.severity, f.code, str(f.count), f.what) for f in findings]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    indent = sum(widths) + 6
-    lines = []
-    for index, (severity, code, count, what) in enumerate(rows):
-        head = f"{severity:<{widths[0]}}  {code:<{widths[1]}}  {count:>{widths[2]}}  "
-        lines.extend(_wrap(head, what, indent, width))
-        if index:
-            for example in findings[index - 1].examples:
-                lines.extend(_wrap(" " * indent + "e.g. ", example, indent + 5, width))
-    return "\n".join(lines) + "\n"
-
-
-def _wrap(head: str, text: str, indent: int, width: int) -> list[str]:
-    """``head + text`` broken at spaces so lines fit ``width``; continuation lines indented by ``indent``."""
-    room = max(width - indent, 30)
-    words, lines, current = text.split(" "), [], ""
-    for word in words:
-        if current and len(current) + 1 + len(word) > room:
-            lines.append(current)
-            current = word
-        else:
-            current = f"{current} {word}" if current else word
-    lines.append(current)
-    return [head + lines[0]] + [" " * indent + line for line in lines[1:]]

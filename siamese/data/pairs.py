@@ -12,28 +12,28 @@ manifest was written with other settings (checkpoint, config, seed, steps, …) 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from siamese.masks import erode_mask, mask_erodes, mask_to_png, resize_mask
-from siamese.sampling import SampledPair, WorkItem
+from siamese.data.images import resize_image, write_png
+from siamese.data.masks import erode_mask, mask_erodes, mask_to_png, resize_mask
 
 try:  # POSIX; elsewhere lines are still appended with one write each, without the advisory lock
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["GRID_NAME", "IMAGES_DIR", "MANIFEST_NAME", "MASKS_DIR", "PairWriter", "file_sha256", "read_manifest",
-           "write_grid", "write_png_atomic"]
+__all__ = ["GRID_NAME", "IMAGES_DIR", "MANIFEST_NAME", "MASKS_DIR", "MaskSource", "PairWriter", "SampledPair",
+           "WorkItem", "complete_records", "link_or_copy", "read_manifest", "write_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,28 +42,37 @@ IMAGES_DIR, MASKS_DIR, MANIFEST_NAME, GRID_NAME = "images", "masks", "manifest.j
 ITEM_KEYS = ("source_name", "k", "seed", "prompt")
 
 
-def file_sha256(path: str | Path, chunk_bytes: int = 16 << 20) -> str:
-    """SHA-256 of a file, streamed in chunks (checkpoints are several GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class MaskSource:
+    """A conditioning mask: output names derive from ``name`` (the file stem)."""
+
+    name: str
+    path: Path
+    prompt: str
 
 
-def write_png_atomic(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 gray (H×W) or RGB (H×W×3) image as PNG via a temporary name unique to this process."""
-    bgr = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array
-    ok, encoded = cv2.imencode(".png", bgr)
-    if not ok:
-        raise OSError(f"cannot encode PNG for {path}")
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    try:
-        encoded.tofile(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+@dataclass(frozen=True)
+class WorkItem:
+    """Pair ``k`` of a mask, with its own seed (noise and, in random mode, the mask augmentation)."""
+
+    source: MaskSource
+    k: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.source.name}_k{self.k}"
+
+
+@dataclass(frozen=True)
+class SampledPair:
+    """A generated pair: RGB image (H×W×3 uint8) and its mask at the image's size and at the source's size."""
+
+    item: WorkItem
+    image: np.ndarray
+    mask01: np.ndarray
+    source_mask01: np.ndarray
+    background: Path | None = None  # the background image kept outside the mask (``backgrounds``), if any
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -93,11 +102,17 @@ def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
-    if rgb.shape[:2] == (height, width):
-        return rgb
-    shrinking = rgb.shape[0] >= height and rgb.shape[1] >= width
-    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+def complete_records(src: Path) -> dict[str, dict[str, Any]]:
+    """The manifest records of a pairs folder, refusing (one line) a folder with none or with a pair whose image or
+    mask file is missing: what a tool that derives a new folder from ``src`` checks before any work."""
+    src = Path(src)
+    records = read_manifest(src / MANIFEST_NAME)
+    if not records:
+        raise FileNotFoundError(f"{src / MANIFEST_NAME}: no manifest records (not a tutorial_inference.py output?)")
+    for name, record in records.items():
+        if not (src / record["image"]).is_file() or not (src / record["mask"]).is_file():
+            raise FileNotFoundError(f"{src}: pair {name} is incomplete ({record['image']} / {record['mask']} missing)")
+    return records
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -119,7 +134,7 @@ class PairWriter:
     def __init__(self, out_dir: str | Path, run_info: Mapping[str, Any], *, keep_size: bool = False,
                  info: Mapping[str, Any] | None = None) -> None:
         self.out = Path(out_dir)
-        # Mask erosion (MedDiff-FT's "corrosion", siamese.masks.erode_mask) of the saved masks, in saved pixels.
+        # Mask erosion (MedDiff-FT's "corrosion", siamese.data.masks.erode_mask) of the saved masks, in saved pixels.
         self.erode, self.erode_kernel = int(run_info.get("erode", 0)), str(run_info.get("erode_kernel", "ellipse"))
         erode_mask(np.zeros((1, 1), np.uint8), self.erode, self.erode_kernel)  # refuse bad settings up front
         # Through JSON once, so values compare equal to what a manifest line reads back (tuples become lists).
@@ -167,7 +182,7 @@ class PairWriter:
         image, mask01 = pair.image, pair.mask01
         if self.keep_size:
             height, width = pair.source_mask01.shape
-            image = _resize_rgb(image, height, width)
+            image = resize_image(image, (height, width))
             mask01 = resize_mask(pair.source_mask01, (height, width))
         record = self.record(pair.item)
         if pair.background is not None:
@@ -175,8 +190,8 @@ class PairWriter:
         if self.erode:
             record["mask_eroded"] = mask_erodes(mask01, self.erode, self.erode_kernel)  # False: kept, else empty
             mask01 = erode_mask(mask01, self.erode, self.erode_kernel)
-        write_png_atomic(image_path, image)
-        write_png_atomic(mask_path, mask_to_png(mask01))
+        write_png(image_path, image)
+        write_png(mask_path, mask_to_png(mask01))
         self._append(record)
         return record
 
@@ -226,5 +241,5 @@ def write_grid(out_dir: str | Path, names: Sequence[str], cell: int = 128, per_r
     tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % per_row)
     rows = [np.concatenate(tiles[i:i + per_row], axis=1) for i in range(0, len(tiles), per_row)]
     path = out / GRID_NAME
-    write_png_atomic(path, cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_BGR2RGB))
+    write_png(path, cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_BGR2RGB))
     return path

@@ -35,9 +35,10 @@ from torch.utils.data import Dataset
 
 from cldm.lightning import StepLoss, TrainModule
 from siamese.config import ExperimentConfig
-from siamese.data import synthetic_pair
-from siamese.maskgen_config import PREDICTIONS, MaskGenConfig
-from siamese.masks import read_mask, resize_mask
+from siamese.config.maskgen import PREDICTIONS, MaskGenConfig
+from siamese.data.masks import read_mask, resize_mask
+from siamese.data.synthetic import synthetic_pair
+from siamese.evaluation.metrics import iou_matrix
 from siamese.sampling import collect_masks
 
 STAGE = "maskgen"  # the run folder under train.output_dir
@@ -216,17 +217,10 @@ def components(mask01: np.ndarray) -> int:
 
 
 def nearest_iou(generated: np.ndarray, training: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """For each generated mask, the highest IoU with any training mask (two empty masks: IoU 1)."""
-    train = torch.from_numpy(training.reshape(len(training), -1).astype(np.float32))
-    train_area = train.sum(1)
-    best = []
-    for i in range(0, len(generated), chunk):
-        gen = torch.from_numpy(generated[i:i + chunk].reshape(-1, train.shape[1]).astype(np.float32))
-        inter = gen @ train.T
-        union = gen.sum(1, keepdim=True) + train_area[None] - inter
-        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
-        best.append(iou.max(1).values)
-    return torch.cat(best).numpy().astype(np.float64)
+    """For each generated mask, the highest IoU with any training mask (``iou_matrix``: two empty masks, IoU 1),
+    ``chunk`` generated masks at a time to bound the memory of the N×M matrix."""
+    return np.concatenate([iou_matrix(generated[i:i + chunk], training).max(1)
+                           for i in range(0, len(generated), chunk)]).astype(np.float64)
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:

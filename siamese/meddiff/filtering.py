@@ -12,11 +12,20 @@ real image than almost every real image is from the rest: off-domain). Either bo
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ldm.fileio import replace_dir, write_json_atomic, write_text_atomic
 
 import numpy as np
 
+from siamese.data.pairs import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, link_or_copy
 from siamese.evaluation.quality import unit_rows
+
+REPORT_NAME = "filter_report.json"
 
 
 def _unit(features: np.ndarray) -> np.ndarray:
@@ -80,4 +89,25 @@ def judge(synthetic: np.ndarray, real: np.ndarray, band: Band) -> list[Verdict]:
     for s, j in zip(sims.tolist(), index.tolist(), strict=True):
         verdict = "near-copy" if s > band.high else "off-domain" if s < band.low else "kept"
         out.append(Verdict(float(s), int(j), verdict))
+    return out
+
+
+def write_kept(src: Path, out: Path, records: Mapping[str, dict[str, Any]], verdicts: Mapping[str, Verdict],
+               report: dict[str, Any]) -> Path:
+    """``out`` as a pairs folder of the kept pairs of ``src`` (images and masks hard-linked where possible, else
+    copied; each kept manifest line plus its ``filter_similarity``) and ``out/filter_report.json``; built complete
+    and swapped in (``ldm.fileio.replace_dir``). ``src`` is never modified."""
+    with replace_dir(out) as tmp:
+        (tmp / IMAGES_DIR).mkdir()
+        (tmp / MASKS_DIR).mkdir()
+        lines = []
+        for name, record in records.items():
+            if verdicts[name].verdict != "kept":
+                continue
+            link_or_copy(src / record["image"], tmp / record["image"])
+            link_or_copy(src / record["mask"], tmp / record["mask"])
+            lines.append(json.dumps({**record, "filter_similarity": verdicts[name].similarity,
+                                     "filtered_from": str(src)}))
+        write_text_atomic(tmp / MANIFEST_NAME, "".join(line + "\n" for line in lines))
+        write_json_atomic(tmp / REPORT_NAME, report, indent=1)
     return out

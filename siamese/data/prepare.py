@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from siamese.data import DEFAULT_PROMPT, IMAGE_SUFFIXES, PROMPT_FILE
+from ldm.fileio import atomic_path, copy_file_atomic, write_text_atomic
+
+from siamese.data.images import IMAGE_SUFFIXES
+from siamese.data.layout import DEFAULT_PROMPT, PROMPT_FILE
 
 __all__ = ["MASK_SUFFIXES", "Pairing", "list_image_files", "pair_files", "prepare_dataset"]
 
@@ -113,17 +114,11 @@ def pair_files(images: Sequence[Path], masks: Sequence[Path], mask_suffix: str |
 
 def _place(source: Path, destination: Path, link: bool) -> None:
     """Copy (or symlink) ``source`` to ``destination`` via a temporary name and an atomic rename."""
-    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)
-    try:
-        if link:
-            temporary.symlink_to(source.resolve())
-        else:
-            shutil.copyfile(source, temporary)
-        os.replace(temporary, destination)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    if not link:
+        copy_file_atomic(source, destination)
+        return
+    with atomic_path(destination) as temporary:
+        temporary.symlink_to(source.resolve())
 
 
 def _in_place(source: Path, destination: Path, link: bool) -> bool:
@@ -167,9 +162,7 @@ def prepare_dataset(images_dir: str | Path, masks_dir: str | Path, out: str | Pa
     (out / "masks").mkdir(parents=True, exist_ok=True)
     for src, dst in plan:
         _place(src, dst, link)
-    temporary = prompt_file.with_name(f".{PROMPT_FILE}.{os.getpid()}.tmp")
-    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(temporary, prompt_file)
+    write_text_atomic(prompt_file, "\n".join(lines) + "\n")
 
     how = "detected" if pairing.detected else "given"
     logger.info("%d pairs (mask suffix %s, %s) → %s (%s)", len(pairing.pairs), _shown(pairing.suffix), how,

@@ -1,0 +1,53 @@
+"""What a checkpoint says about itself: the resolved config and the kind of file, in its safetensors metadata.
+
+Checkpoints written by the tools carry the resolved config, so a merged checkpoint is self-describing
+(``tutorial_inference.py`` runs without ``--config``) and its latent scale can be checked against a new config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ldm.checkpoint import SAFETENSORS_SUFFIXES, read_metadata
+
+from siamese.config.loading import ConfigError, config_hash, load_config, to_yaml
+from siamese.config.schema import ExperimentConfig
+
+METADATA_CONFIG = "siamese.config"
+METADATA_CONFIG_HASH = "siamese.config_hash"
+METADATA_KIND = "siamese.kind"
+
+
+def checkpoint_metadata(cfg: ExperimentConfig | None, kind: str, **extra: str) -> dict[str, str]:
+    """String metadata for a checkpoint: its kind (init / fp32 / merged / trainable), the config, extras."""
+    meta = {METADATA_KIND: kind, **extra}
+    if cfg is not None:
+        meta[METADATA_CONFIG] = to_yaml(cfg)
+        meta[METADATA_CONFIG_HASH] = config_hash(cfg)
+    return meta
+
+
+def config_from_metadata(meta: dict[str, str], where: str) -> ExperimentConfig | None:
+    """The config a checkpoint carries in its metadata (validated), or None when it carries none."""
+    text = meta.get(METADATA_CONFIG)
+    if not text:
+        return None
+    return load_config(None, text=text, where=f"{where} (metadata {METADATA_CONFIG})")
+
+
+def check_same_latents(cfg: ExperimentConfig, path: str | Path, where: str) -> None:
+    """A safetensors checkpoint this framework wrote carries its config: its latent scale factor must be the config's.
+
+    A pretrained base calibrates ``model.first_stage.scale_factor`` to its own VAE; training or converting it under
+    another factor silently trains on latents of the wrong variance. Only the safetensors header is read (a pickled
+    .ckpt would have to be loaded whole); checkpoints without a config (SD1.5 files) pass.
+    """
+    if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return
+    embedded = config_from_metadata(read_metadata(path), where)
+    if embedded is None:
+        return
+    theirs, ours = embedded.model.first_stage.scale_factor, cfg.model.first_stage.scale_factor
+    if abs(theirs - ours) > 1e-6 * max(abs(theirs), 1.0):
+        raise ConfigError(f"{where} was made with model.first_stage.scale_factor={theirs} but the config has {ours}: "
+                          f"add model.first_stage.scale_factor={theirs} (or use the config it was made with)")
