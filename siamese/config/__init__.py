@@ -4,7 +4,7 @@
   ``pretrain``; ``maskgen`` from ``maskgen``: the schema knows every section, whichever room uses it).
 - ``loading``: ``load_config`` (defaults ← YAML ← ``key=value`` overrides), ``check`` (relations between sections),
   ``save_config``.
-- ``metadata``: the config and kind a checkpoint carries in its safetensors metadata.
+- ``metadata``: the config, kind and provenance a checkpoint carries in its safetensors metadata.
 
 May import ``ldm``, ``cldm`` and the method's own small value types (``siamese.losses``, ``siamese.schedules``);
 nothing here builds a network (``siamese.factory`` does).
@@ -18,6 +18,7 @@ from siamese.config.metadata import (
     METADATA_KIND,
     check_same_latents,
     checkpoint_metadata,
+    checkpoint_provenance,
     config_from_metadata,
 )
 from siamese.config.schema import (
@@ -43,6 +44,6 @@ __all__ = [
     "AutoencoderPretrain", "ConfigError", "DDConfig", "DataConfig", "EMAConfig", "ExperimentConfig",
     "FirstStageConfig", "MaskGenConfig", "MaskUNetSettings", "MethodConfig", "ModelConfig", "PretrainConfig",
     "SampleConfig", "ScheduleConfig", "TrainConfig", "UNetPretrain", "check", "check_same_latents",
-    "checkpoint_metadata", "config_from_metadata", "config_hash", "load_config", "save_config", "stage_config",
+    "checkpoint_metadata", "checkpoint_provenance", "config_from_metadata", "config_hash", "load_config", "save_config", "stage_config",
     "to_yaml",
 ]

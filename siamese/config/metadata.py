@@ -10,6 +10,8 @@ from pathlib import Path
 
 from ldm.checkpoint import SAFETENSORS_SUFFIXES, read_metadata
 
+from siamese.data.provenance import Provenance, external
+
 from siamese.config.loading import ConfigError, config_hash, load_config, to_yaml
 from siamese.config.schema import ExperimentConfig
 
@@ -18,13 +20,29 @@ METADATA_CONFIG_HASH = "siamese.config_hash"
 METADATA_KIND = "siamese.kind"
 
 
-def checkpoint_metadata(cfg: ExperimentConfig | None, kind: str, **extra: str) -> dict[str, str]:
-    """String metadata for a checkpoint: its kind (init / fp32 / merged / trainable), the config, extras."""
+def checkpoint_metadata(cfg: ExperimentConfig | None, kind: str, provenance: Provenance | None = None,
+                        **extra: str) -> dict[str, str]:
+    """String metadata for a checkpoint: its kind (init / fp32 / merged / trainable), the config, what it was made
+    from (``siamese.data.provenance``), extras."""
     meta = {METADATA_KIND: kind, **extra}
     if cfg is not None:
         meta[METADATA_CONFIG] = to_yaml(cfg)
         meta[METADATA_CONFIG_HASH] = config_hash(cfg)
+    if provenance is not None:
+        meta.update(provenance.to_metadata())
     return meta
+
+
+def checkpoint_provenance(path: str | Path) -> Provenance:
+    """What a checkpoint was made from: the provenance in its safetensors metadata; a file without one (an SD1.5
+    release, a pickled .ckpt, a file written elsewhere) is one ``external`` record naming it."""
+    path = Path(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        found = Provenance.from_metadata(read_metadata(path), str(path))
+        if found is not None:
+            return found
+    return Provenance((external(f"checkpoint {path.name}", note="no provenance recorded: its training data is "
+                                                                "unknown to the framework"),))
 
 
 def config_from_metadata(meta: dict[str, str], where: str) -> ExperimentConfig | None:

@@ -12,6 +12,7 @@ and the demo run without any medical data on disk.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from siamese.data.masks import (
     read_mask_gray,
     resize_mask,
 )
+from siamese.data.provenance import Record, dataset_record
 from siamese.data.synthetic import synthetic_pair
 
 __all__ = ["ImageDataset", "MaskImageDataset", "SyntheticLesionDataset", "make_sample"]
@@ -127,6 +129,11 @@ class MaskImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def provenance_record(self, what: str) -> Record:
+        """What a model trained on this dataset saw: every image and mask, by digest."""
+        return dataset_record(what, self.prompt_file.parent, [r.target for r in self.records],
+                              [r.source for r in self.records])
+
     def read_mask(self, index: int) -> np.ndarray:
         """Record ``index``'s mask as uint8 {0, 1} at its file's size, by this dataset's threshold rule."""
         source = self.records[index].source
@@ -208,6 +215,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def provenance_record(self, what: str) -> Record:
+        """What a model trained on these images saw, by digest."""
+        root = os.path.commonpath([str(p.resolve().parent) for p in self.paths])
+        return dataset_record(what, root, self.paths)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         rgb = resize_image(read_image_rgb(self.paths[index]), self.resolution)
         return {"image": torch.from_numpy(_rgb_to_signed(rgb)), "prompt": self.prompts[index],
@@ -234,6 +246,10 @@ class SyntheticLesionDataset(Dataset):
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def provenance_record(self, what: str) -> Record:
+        """Procedural pairs: no file of the user's reaches the model."""
+        return Record("trained", what, note=f"procedural lesion pairs: {self.num_samples} (seed {self.seed})")
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         if not -self.num_samples <= index < self.num_samples:
