@@ -44,6 +44,6 @@ __all__ = [
     "AutoencoderPretrain", "ConfigError", "DDConfig", "DataConfig", "EMAConfig", "ExperimentConfig",
     "FirstStageConfig", "MaskGenConfig", "MaskUNetSettings", "MethodConfig", "ModelConfig", "PretrainConfig",
     "SampleConfig", "ScheduleConfig", "TrainConfig", "UNetPretrain", "check", "check_same_latents",
-    "checkpoint_metadata", "checkpoint_provenance", "config_from_metadata", "config_hash", "load_config", "save_config", "stage_config",
-    "to_yaml",
+    "checkpoint_metadata", "checkpoint_provenance", "config_from_metadata", "config_hash", "load_config",
+    "save_config", "stage_config", "to_yaml",
 ]

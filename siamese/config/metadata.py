@@ -10,10 +10,9 @@ from pathlib import Path
 
 from ldm.checkpoint import SAFETENSORS_SUFFIXES, read_metadata
 
-from siamese.data.provenance import Provenance, external
-
 from siamese.config.loading import ConfigError, config_hash, load_config, to_yaml
 from siamese.config.schema import ExperimentConfig
+from siamese.data.provenance import Provenance, external
 
 METADATA_CONFIG = "siamese.config"
 METADATA_CONFIG_HASH = "siamese.config_hash"

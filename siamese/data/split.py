@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ldm.fileio import replace_dir, write_json_atomic, write_text_atomic
+
+import numpy as np
 
 from siamese.data.layout import PROMPT_FILE, read_prompt_jsonl
 from siamese.data.pairs import link_or_copy
@@ -106,9 +106,10 @@ def read_split_dataset(root: str | Path) -> dict[str, list[Pair]]:
     for side in SIDES:
         pairs = real_pairs(root / side)
         names = {p.name for p in pairs}
-        if names != set(listed[side]):
-            raise ValueError(f"{root / side}: its pairs are not the ones {SPLITS_FILE} lists ({len(names ^ set(listed[side]))} "
-                             "differ); make the split again with python -m tools.split")
+        differ = len(names ^ set(listed[side]))
+        if differ:
+            raise ValueError(f"{root / side}: its pairs are not the ones {SPLITS_FILE} lists ({differ} differ); make "
+                             "the split again with python -m tools.split")
         for pair in pairs:
             image_digest, mask_digest = listed[side][pair.name]
             if digest_file(pair.image) != image_digest or digest_file(pair.mask) != mask_digest:
