@@ -6,7 +6,11 @@
     python -m tools.evaluate --real data/polyps --synthetic synth/real --out eval/ \\
         --features timm:resnet50 --feature-weights resnet50_medical.safetensors
 
-Runs what applies, each part on its own library (siamese.evaluation):
+Give --real the python -m tools.split output whose train/ side trained the generators. First, before anything is
+written, each synthetic folder's provenance is followed to the data its models trained on: a folder whose generator,
+mask generator or background library saw a test image is refused (--allow-generator-leak accepts it, and the report
+says so at its top); pairs generated from test masks are excluded; near-duplicate train/test images are reported.
+Then it runs what applies, each part on its own library (siamese.evaluation):
 1. downstream benchmark (tools.segmentation_benchmark): segmenters on real / real + synthetic / synthetic, scored on
    the held-out real test split, mean ± std over seeds (skip with --no-benchmark);
 2. mask fidelity: the benchmark's real-data segmenter (seed 0) segments every generated image; Dice against the mask
@@ -34,15 +38,14 @@ from ldm.fileio import write_json_atomic, write_text_atomic
 import numpy as np
 
 from siamese.evaluation import quality
-from siamese.evaluation.benchmark import run_benchmark, summarise_results
+from siamese.evaluation.benchmark import load_pairs, prepare_inputs, run_benchmark, segmenter_key, summarise_results
 from siamese.evaluation.features import equal_count, pixel_vectors, read_run_images
 from siamese.evaluation.fidelity import score_pairs, segmenter_rule
 from siamese.evaluation.report import benchmark_plot, benchmark_table, write_markdown
-from siamese.evaluation.segmenter import load_segmenter, save_segmenter, train_segmenter
-from siamese.evaluation.splits import load_or_make_split, real_pairs
+from siamese.evaluation.segmenter import load_segmenter, save_segmenter, segmenter_trained_on, train_segmenter
 from siamese.evaluation.towers import INCEPTION_WEIGHTS_FILE, load_feature_extractor
 from tools._cli import make_parser, run
-from tools.segmentation_benchmark import add_benchmark_args, benchmark_config
+from tools.segmentation_benchmark import add_benchmark_args, benchmark_config, leak_lines, split_line
 
 logger = logging.getLogger("siamese.evaluate")
 
@@ -51,22 +54,20 @@ def _finite(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def _fidelity(args: argparse.Namespace, cfg, out: Path) -> dict:
-    """Mask fidelity of each synthetic run with the real-data segmenter (the benchmark's, else trained here)."""
+def _fidelity(args: argparse.Namespace, cfg, out: Path, inputs) -> dict:
+    """Mask fidelity of each synthetic run with the real-data segmenter (the benchmark's when it was trained on these
+    very inputs, else trained here)."""
     path = out / "segmenter_real_seed0.safetensors"
-    if path.is_file():
+    key = segmenter_key(inputs.train_digests, cfg.segmenter, 0)
+    if segmenter_trained_on(path) == key:
         model, seg_cfg = load_segmenter(path, args.device)
     else:
-        from siamese.evaluation.benchmark import load_pairs
-
-        pairs = real_pairs(args.real)
-        split = load_or_make_split(out, pairs, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
-                                   group_regex=cfg.group_regex)
-        by_name = {p.name: p for p in pairs}
+        if path.is_file():
+            logger.info("%s was trained on other inputs or settings: training it again", path)
         seg_cfg = cfg.segmenter
-        model = train_segmenter(load_pairs([by_name[n] for n in split["train"]]), seg_cfg, seed=0,
-                                device=args.device, progress=not args.no_progress, desc="fidelity segmenter")
-        save_segmenter(model, seg_cfg, path)
+        model = train_segmenter(load_pairs(inputs.split.train), seg_cfg, seed=0, device=args.device,
+                                progress=not args.no_progress, desc="fidelity segmenter")
+        save_segmenter(model, seg_cfg, path, trained_on=key)
     segment = segmenter_rule(model, seg_cfg, args.device)
     results = {}
     (out / "fidelity").mkdir(exist_ok=True)
@@ -91,10 +92,9 @@ def _extractor(args: argparse.Namespace):
     return None
 
 
-def _quality(args: argparse.Namespace, out: Path, split_train: list[Path]) -> dict:
+def _quality(args: argparse.Namespace, out: Path, split_train: list[Path], extractor) -> dict:
     """FID/KID, diversity and memorisation of all synthetic runs together against the real training images."""
     runs = [image for folder in args.synthetic for image in read_run_images(folder)]
-    extractor = _extractor(args)
     result: dict = {"feature_extractor": None if extractor is None else (args.features or "inception")}
     synth_paths = [r.path for r in runs]
     if extractor is not None:
@@ -127,10 +127,10 @@ def _quality(args: argparse.Namespace, out: Path, split_train: list[Path]) -> di
     return result
 
 
-def _report(args: argparse.Namespace, result: dict, out: Path) -> None:
-    lines = ["# Evaluation report", "",
+def _report(args: argparse.Namespace, result: dict, out: Path, inputs) -> None:
+    lines = ["# Evaluation report", "", *leak_lines(inputs),
              f"Real data `{args.real}`; synthetic {', '.join(f'`{s}`' for s in args.synthetic)}. "
-             f"Wall time {result['seconds']:.0f} s.", ""]
+             f"{split_line(inputs)} Wall time {result['seconds']:.0f} s.", ""]
     if "benchmark" in result:
         lines += ["## Does the synthetic data help the segmenter? (held-out real test split)", "",
                   *benchmark_table(result["benchmark"]), "", "![benchmark](benchmark.png)", ""]
@@ -160,29 +160,38 @@ def _report(args: argparse.Namespace, result: dict, out: Path) -> None:
 def evaluate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     cfg = benchmark_config(args)
-    result: dict = {"real": str(args.real), "synthetic": [str(s) for s in args.synthetic]}
+    extractor = _extractor(args)  # a bad weights file fails now, before hours of segmenter training
+    if extractor is not None and args.fid_count is not None and args.fid_count < 2:
+        raise ValueError(f"--fid-count must be at least 2, got {args.fid_count}")
+    inputs = prepare_inputs(args.real, args.synthetic, out, cfg, allow_generator_leak=args.allow_generator_leak)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"real": str(args.real), "synthetic": [str(s) for s in args.synthetic],
+                    "split": {"origin": inputs.split.origin, "train": len(inputs.split.train),
+                              "test": len(inputs.split.test)},
+                    "leak_check": {"warnings": inputs.warnings, "excluded_test_masks": inputs.excluded_test_masks,
+                                   "near_duplicates": inputs.near_duplicates}}
     if not args.no_benchmark:
         logger.info("== downstream benchmark")
-        rows = run_benchmark(args.real, args.synthetic, out, cfg, device=args.device, progress=not args.no_progress)
+        rows = run_benchmark(args.real, args.synthetic, out, cfg, device=args.device, progress=not args.no_progress,
+                             inputs=inputs)
         result["benchmark"] = summarise_results(rows)
         benchmark_plot(result["benchmark"], out / "benchmark.png")
     logger.info("== mask fidelity")
-    result["fidelity"] = _fidelity(args, cfg, out)
+    result["fidelity"] = _fidelity(args, cfg, out, inputs)
     logger.info("== image quality, diversity, memorisation")
-    pairs = {p.name: p for p in real_pairs(args.real)}
-    split = json.loads((out / "splits.json").read_text())
-    result["quality"] = _quality(args, out, [pairs[n].image for n in split["train"]])
+    result["quality"] = _quality(args, out, [p.image for p in inputs.split.train], extractor)
     result["seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(out / "report.json", result, indent=1, default=str)
-    _report(args, result, out)
+    _report(args, result, out, inputs)
     return result
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("python -m tools.evaluate", __doc__)
-    p.add_argument("--real", type=Path, required=True, help="the real dataset (prompt.json layout)")
+    p.add_argument("--real", type=Path, required=True,
+                   help="the real data: a python -m tools.split output (scored on its test/), or a dataset "
+                        "(prompt.json layout) split here into OUT/splits.json")
     p.add_argument("--synthetic", type=Path, action="append", required=True,
                    help="a tutorial_inference.py output folder (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="output folder (report.md, report.json, PNGs)")

@@ -6,10 +6,12 @@
 
 Trains a segmenter (MONAI BasicUNet by default; randomly initialised, nothing downloads) per arm and seed: the real
 training split alone, real + synthetic at each ratio, synthetic alone; scores mDice / mIoU on the held-out real test
-split. The split is written once to OUT/splits.json (seeded; --group-regex keeps a patient's images on one side)
-and reused; synthetic pairs generated from test masks are excluded and every training set is checked against the
-test split. OUT/results.csv gets one row per run as it finishes (re-run the command to resume); OUT/report.md and
-OUT/benchmark.png show mean ± std over seeds.
+split. --real is best a python -m tools.split output, whose train/ side trained the generators; a plain dataset is
+split into OUT/splits.json (seeded; --group-regex keeps a patient's images on one side) and reused. Each synthetic
+folder's provenance is followed to the data its models trained on: one that saw a test image is refused (unless
+--allow-generator-leak, which the report then states at its top); pairs generated from test masks are excluded.
+OUT/results.csv gets one row per run as it finishes, keyed by the digests of its inputs and its settings (re-run the
+command to resume; changed data or settings recompute); OUT/report.md and OUT/benchmark.png show mean ± std.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import time
 from pathlib import Path
 
-from siamese.evaluation.benchmark import BenchmarkConfig, run_benchmark, summarise_results
+from siamese.evaluation.benchmark import BenchmarkConfig, prepare_inputs, run_benchmark, summarise_results
 from siamese.evaluation.report import benchmark_plot, benchmark_table, write_markdown
 from siamese.evaluation.segmenter import NETWORKS, SegmenterConfig
 from tools._cli import make_parser, run
@@ -54,6 +56,9 @@ def add_benchmark_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seg-steps", type=int, default=300, help="segmenter training steps (default 300)")
     g.add_argument("--seg-batch", type=int, default=8, help="segmenter batch size (default 8)")
     g.add_argument("--device", default="cpu", help="torch device for the segmenter (default cpu)")
+    g.add_argument("--allow-generator-leak", action="store_true",
+                   help="accept synthetic folders whose models saw test images, or that carry no provenance (the "
+                        "report then says so at its top); without it they are refused")
 
 
 def benchmark_config(args: argparse.Namespace) -> BenchmarkConfig:
@@ -63,6 +68,19 @@ def benchmark_config(args: argparse.Namespace) -> BenchmarkConfig:
                            arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
                            test_fraction=args.test_fraction, split_seed=args.split_seed,
                            group_regex=args.group_regex, segmenter=segmenter)
+
+
+def leak_lines(inputs) -> list[str]:
+    """The report's opening lines about what the leak check accepted or found (empty when clean)."""
+    lines = [f"> **{w}**" if w.startswith("ACCEPTED LEAK") else f"> {w}" for w in inputs.warnings]
+    if inputs.excluded_test_masks:
+        lines.append(f"> {inputs.excluded_test_masks} synthetic pairs generated from test masks were excluded.")
+    return [*lines, ""] if lines else []
+
+
+def split_line(inputs) -> str:
+    split = inputs.split
+    return f"Split: {len(split.train)} train / {len(split.test)} test real pairs, from {split.origin}."
 
 
 def benchmark_report(rows: list[dict], out: Path) -> list[str]:
@@ -75,21 +93,25 @@ def benchmark_report(rows: list[dict], out: Path) -> list[str]:
 def _body(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     cfg = benchmark_config(args)
-    rows = run_benchmark(args.real, args.synthetic, args.out, cfg, device=args.device, progress=not args.no_progress)
-    lines = ["# Downstream segmentation benchmark", "",
+    inputs = prepare_inputs(args.real, args.synthetic, args.out, cfg, allow_generator_leak=args.allow_generator_leak)
+    rows = run_benchmark(args.real, args.synthetic, args.out, cfg, device=args.device, progress=not args.no_progress,
+                         inputs=inputs)
+    table = benchmark_report(rows, args.out)
+    lines = ["# Downstream segmentation benchmark", "", *leak_lines(inputs),
              f"Real data: `{args.real}`; synthetic: {', '.join(f'`{s}`' for s in args.synthetic) or 'none'}. "
              f"Segmenter: {cfg.segmenter.network}, {cfg.segmenter.steps} steps, batch {cfg.segmenter.batch_size}, "
-             f"{cfg.segmenter.resolution}² inputs; scored on the held-out real test split (`splits.json`).", "",
-             *benchmark_report(rows, args.out), "", "![benchmark](benchmark.png)", ""]
+             f"{cfg.segmenter.resolution}² inputs; scored on the held-out real test split. {split_line(inputs)}", "",
+             *table, "", "![benchmark](benchmark.png)", ""]
     write_markdown(args.out / "report.md", lines)
-    logger.info("%s\n\nreport: %s (%.0f s)", "\n".join(lines[4:-3]), args.out / "report.md",
-                time.perf_counter() - start)
+    logger.info("%s\n\nreport: %s (%.0f s)", "\n".join(table), args.out / "report.md", time.perf_counter() - start)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = make_parser("python -m tools.segmentation_benchmark", __doc__)
-    p.add_argument("--real", type=Path, required=True, help="the real dataset (prompt.json layout)")
+    p.add_argument("--real", type=Path, required=True,
+                   help="the real data: a python -m tools.split output (scored on its test/), or a dataset "
+                        "(prompt.json layout) split here into OUT/splits.json")
     p.add_argument("--synthetic", type=Path, action="append", default=[],
                    help="a tutorial_inference.py output folder (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="output folder (splits, results, report)")

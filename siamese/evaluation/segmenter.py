@@ -127,15 +127,24 @@ def predict(model: nn.Module, images: Sequence[np.ndarray], cfg: SegmenterConfig
     return out
 
 
-def save_segmenter(model: nn.Module, cfg: SegmenterConfig, path: Path) -> Path:
-    """Weights + the config (safetensors metadata), so validation during training can reuse the segmenter."""
+def save_segmenter(model: nn.Module, cfg: SegmenterConfig, path: Path, trained_on: str | None = None) -> Path:
+    """Weights + the config (safetensors metadata), so validation during training can reuse the segmenter;
+    ``trained_on``: the key of its inputs (training pairs' digests, settings, seed), so a cached segmenter is reused
+    only for the very same inputs."""
     import json
     from dataclasses import asdict
 
     from ldm.checkpoint import save_state_dict
 
-    return save_state_dict(dict(model.state_dict()), path, metadata={"segmenter": json.dumps(asdict(cfg))},
-                           overwrite=True)
+    meta = {"segmenter": json.dumps(asdict(cfg))} | ({"trained_on": trained_on} if trained_on else {})
+    return save_state_dict(dict(model.state_dict()), path, metadata=meta, overwrite=True)
+
+
+def segmenter_trained_on(path: Path) -> str | None:
+    """The inputs key a saved segmenter carries (None: none recorded, or no file)."""
+    from ldm.checkpoint import read_metadata
+
+    return read_metadata(path).get("trained_on") if Path(path).is_file() else None
 
 
 def load_segmenter(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, SegmenterConfig]:
