@@ -8,7 +8,7 @@ in the Lightning checkpoint so a resumed run continues exactly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,13 +28,15 @@ logger = logging.getLogger(__name__)
 
 
 class EMACallback(pl.Callback):
-    """Exponential moving average of the trainable parameters (fp32 shadow), exported at the end of training."""
+    """Exponential moving average of the trainable parameters (fp32 shadow), exported at the end of training;
+    ``metadata()`` adds string metadata to the export (the run's provenance)."""
 
-    def __init__(self, decay: float, export_path: str | Path):
+    def __init__(self, decay: float, export_path: str | Path, metadata: Callable[[], dict[str, str]] | None = None):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema.decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.export_path = Path(export_path)
+        self.metadata = metadata
         self.shadow: dict[str, Tensor] = {}
 
     def _trainable(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
@@ -56,7 +58,8 @@ class EMACallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.shadow:
             save_state_dict({plain_name(n): v.cpu() for n, v in self.shadow.items()}, self.export_path,
-                            metadata={"content": "ema of trainable parameters", "decay": str(self.decay)},
+                            metadata={"content": "ema of trainable parameters", "decay": str(self.decay),
+                                      **(self.metadata() if self.metadata else {})},
                             overwrite=True)
             logger.info("EMA weights written to %s", self.export_path)
 

@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from cldm.checkpoints import find_latest_checkpoint, incomplete_reason, saved_world_size, to_universal, vet_checkpoint
 from siamese.config import ConfigError, ExperimentConfig, load_config
+from siamese.data.provenance import PROVENANCE_FILE, Provenance, read_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ RESUMABLE = frozenset({
     "train.val_masks", "train.val_samples", "train.val_segmenter",
 })
 # What a run directory's own files are (what --force clears; nothing else in the directory is touched).
-RUN_FILES = ("checkpoints", "logs", "images", CONFIG, HISTORY, "ema_trainable.safetensors", UNIVERSAL_DIR)
+RUN_FILES = ("checkpoints", "logs", "images", CONFIG, HISTORY, "ema_trainable.safetensors", UNIVERSAL_DIR,
+             PROVENANCE_FILE)
 
 
 def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -186,3 +188,13 @@ def loadable_checkpoint(ckpt: Path, run: Path, world_size: int, *, unsafe_pickle
             raise ConfigError(f"waited {wait_seconds:.0f} s for rank 0 to convert {ckpt} for {world_size} ranks")
         time.sleep(2.0)
     return target, True
+
+
+def find_run_provenance(path: str | Path) -> Provenance | None:
+    """The provenance of the run a checkpoint belongs to (``RUN/checkpoints/step=N.ckpt[/…]`` or ``RUN`` itself):
+    the nearest ``provenance.json`` at most four folders up, or None."""
+    path = Path(path).resolve()
+    for folder in [path, *path.parents][:5]:
+        if (folder / PROVENANCE_FILE).is_file():
+            return read_provenance(folder)
+    return None

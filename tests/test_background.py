@@ -106,7 +106,7 @@ def test_cli_background_folder(env, tmp_path, caplog):  # noqa: F811
     assert run_cli(cli(env, out, "--batch-size", "3", "--background", str(backgrounds)))["generated"] == 6
     records = manifest_lines(out)
     assert all(r["backgrounds"] == str(backgrounds.resolve()) for r in records)
-    assert {r["background"] for r in records} <= {str(p) for p in backgrounds.iterdir()}
+    assert {(out / r["background"]).resolve() for r in records} <= {p.resolve() for p in backgrounds.iterdir()}
     assert len({r["background"] for r in records}) > 1  # drawn per pair by its seed
     again = tmp_path / "again"
     assert run_cli(cli(env, again, "--batch-size", "3", "--background", str(backgrounds)))["generated"] == 6

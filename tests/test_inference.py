@@ -33,7 +33,8 @@ from _inference_env import (  # noqa: F401  (fixtures: env, model, base_out)
 )
 
 from cldm.model import ControlLDM
-from siamese.data.masks import read_mask
+from siamese.data.images import write_png
+from siamese.data.masks import mask_to_png, read_mask
 from siamese.data.pairs import MANIFEST_NAME, PairWriter
 from siamese.sampling import (
     MaskSource,
@@ -270,8 +271,11 @@ def test_shards_are_disjoint_and_cover_everything(env: dict[str, Path], base_out
 def _write_pairs(out: Path, names: list[str]) -> None:
     writer = PairWriter(out, {"steps": 1})
     rgb, mask01 = np.zeros((4, 4, 3), np.uint8), np.eye(4, dtype=np.uint8)
+    source = out.parent / f"{out.name}_source.png"  # the mask a manifest line names (by path and digest)
+    if not source.is_file():
+        write_png(source, mask_to_png(mask01))
     for name in names:
-        item = WorkItem(MaskSource(name, Path(f"{name}.png"), "p" * 300), 0, 1)
+        item = WorkItem(MaskSource(name, source, "p" * 300), 0, 1)
         writer.write(SampledPair(item, rgb, mask01, mask01))
 
 

@@ -47,7 +47,7 @@ def test_random_mode_saves_the_augmented_masks(env: dict[str, Path], base_out: P
     for name in NAMES:
         saved = cv2.imread(str(out / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
         assert set(np.unique(saved).tolist()) <= {0, 255}
-        source = read_mask(Path(records[name]["source"]))
+        source = read_mask(out / records[name]["source"])
         expected = MaskAugment().apply(source, mask_rng(records[name]["seed"]))
         np.testing.assert_array_equal(saved, expected * 255)
         changed += not np.array_equal(saved, source * 255)

@@ -19,7 +19,7 @@ from pathlib import Path
 from ldm.checkpoint import load_state_dict, save_state_dict
 
 from cldm.convert import add_control, expected_state, fresh_control_weights
-from siamese.config import check_same_latents, checkpoint_metadata, load_config
+from siamese.config import check_same_latents, checkpoint_metadata, checkpoint_provenance, load_config
 from siamese.factory import meta_model
 from tools._cli import add_common_flags, check_output, list_keys, make_parser, run
 
@@ -56,7 +56,8 @@ def _body(args: argparse.Namespace) -> int:
                         ("carried over from the base", report.carried), ("derived from the config", report.derived),
                         ("ignored", report.ignored)):
         list_keys(title, keys, args.verbose)
-    metadata = checkpoint_metadata(cfg, "init", source=args.sd_ckpt.name, seed=str(args.seed))
+    metadata = checkpoint_metadata(cfg, "init", checkpoint_provenance(args.sd_ckpt), source=args.sd_ckpt.name,
+                                   seed=str(args.seed))
     save_state_dict(state, out, metadata=metadata, overwrite=args.force)
     logger.info("wrote %s (%d tensors; %s hint encoder, seed %d) in %.1f s: %s", out, len(state),
                 cfg.model.control.hint_encoder.upper(), args.seed, time.perf_counter() - start, report.summary())

@@ -8,7 +8,9 @@
 Mask-only sampling (the Mask-Diffusion branch): DDIM with classifier-free guidance on the text, the unconditional
 input being the empty prompt with the same mask (--sampler dpmpp_2m / unipc: faster ODE solvers; --cfg-mask S:
 separate guidance of the mask, InstructPix2Pix-style, a third branch with an all-zero hint). Writes
-OUT/images/NAME_kK.png, OUT/masks/NAME_kK.png (0/255) and OUT/manifest.jsonl; re-running the same command skips
+OUT/images/NAME_kK.png, OUT/masks/NAME_kK.png (0/255), OUT/manifest.jsonl (each pair's source mask by a path
+relative to OUT and by digest) and OUT/provenance.json (the checkpoint's, the masks' and the backgrounds' records of
+what they were made from, which tools.evaluate checks against the test split); re-running the same command skips
 complete pairs (resume), and n processes with --shard i/n can share one OUT. The config comes from --config or,
 when omitted, from the checkpoint's metadata (merged checkpoints written by tool_merge_control.py carry it).
 """
@@ -32,12 +34,14 @@ from siamese.config import (
     METADATA_KIND,
     ConfigError,
     ExperimentConfig,
+    checkpoint_provenance,
     config_from_metadata,
     config_hash,
     load_config,
 )
 from siamese.data.masks import MaskAugment
 from siamese.data.pairs import PairWriter, write_grid
+from siamese.data.provenance import Provenance, dataset_record, read_provenance
 from siamese.factory import build_latent_diffusion, build_model, load_weights
 from siamese.sampling import (
     MASK_MODES,
@@ -92,6 +96,23 @@ def default_device() -> torch.device:
     return torch.device(accelerator) if accelerator is not None else torch.device("cpu")
 
 
+def sampling_provenance(ckpt: Path, masks: Path, backgrounds: Path | None) -> Provenance:
+    """What a pairs folder is made from: the checkpoint's records, those of the masks' folder (a mask generator's
+    output carries its provenance.json) and those of the background library (its provenance.json, else a content
+    record of its image files)."""
+    found = checkpoint_provenance(ckpt)
+    masks = Path(masks)
+    folders = (masks.parent,) if masks.is_file() else (masks, masks.parent) if masks.name == "masks" else (masks,)
+    for folder in folders:
+        found = found.merge(read_provenance(folder))
+    if backgrounds is not None:
+        library = read_provenance(backgrounds)
+        found = found.merge(library if library is not None else Provenance((
+            dataset_record(f"backgrounds {backgrounds}", backgrounds, collect_backgrounds(backgrounds),
+                           role="content"),)))
+    return found
+
+
 def run(args: argparse.Namespace) -> dict[str, float]:
     """The command behind main(); returns the summary (generated, skipped, sampling seconds)."""
     cfg = resolve_config(args.config, args.overrides, args.ckpt)
@@ -128,7 +149,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                 "mask_mode": args.mask_mode, "augment": vars(augment) if args.mask_mode == "random" else None,
                 "precision": args.precision, "ckpt_sha256": "", "config_hash": config_hash(cfg)}
     writer = PairWriter(args.out, run_info, keep_size=args.keep_size,
-                        info={"batch_size": args.batch_size, "shards": shard[1]})
+                        info={"batch_size": args.batch_size, "shards": shard[1]},
+                        provenance=sampling_provenance(args.ckpt, args.masks, args.background))
     check_shard_layout(writer, shard[1], args.batch_size)
     todo = [item for item in items if not writer.is_complete(item.name)]
     # Whole batches are re-run (complete pairs in them are recomputed, not rewritten) so each pair keeps its batch

@@ -27,7 +27,14 @@ from ldm.checkpoint import load_state_dict, read_metadata, save_state_dict
 
 from cldm.convert import check_against_model, expected_state, merge_weights, select
 from cldm.lora import fold_lora, has_lora
-from siamese.config import ConfigError, ExperimentConfig, checkpoint_metadata, config_from_metadata, load_config
+from siamese.config import (
+    ConfigError,
+    ExperimentConfig,
+    checkpoint_metadata,
+    checkpoint_provenance,
+    config_from_metadata,
+    load_config,
+)
 from siamese.factory import meta_model
 from tools._cli import add_common_flags, check_output, list_keys, make_parser, run
 
@@ -100,7 +107,9 @@ def _body(args: argparse.Namespace) -> int:
     kind = "merged"
     if args.only_trainable:
         merged, kind = select(merged, trainable), "trainable"
-    metadata = checkpoint_metadata(cfg, kind, base=args.base.name, trained=args.trained.name)
+    # What the merged weights come from: the base's records and the training run's.
+    provenance = checkpoint_provenance(args.base).merge(checkpoint_provenance(args.trained))
+    metadata = checkpoint_metadata(cfg, kind, provenance, base=args.base.name, trained=args.trained.name)
     save_state_dict(merged, out, metadata=metadata, overwrite=args.force)
     logger.info("wrote %s (%s, %d tensors; config from %s) in %.1f s: %s", out, kind, len(merged), cfg_source,
                 time.perf_counter() - start, report.summary())

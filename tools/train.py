@@ -36,8 +36,17 @@ from cldm.checkpoints import find_latest_checkpoint
 from cldm.data_order import StepSampler
 from cldm.lightning import ControlNetModule, TrainModule, TrainSettings
 from cldm.strategy import AtomicCheckpointIO, make_strategy
-from siamese.config import ConfigError, ExperimentConfig, check_same_latents, load_config, save_config, to_yaml
+from siamese.config import (
+    ConfigError,
+    ExperimentConfig,
+    check_same_latents,
+    checkpoint_provenance,
+    load_config,
+    save_config,
+    to_yaml,
+)
 from siamese.data.datasets import MaskImageDataset
+from siamese.data.provenance import Provenance, external, read_provenance
 from siamese.factory import add_adapters, build_dataset, build_model, load_weights
 from siamese.lightning import SiameseModule
 from siamese.run_dir import (
@@ -154,6 +163,22 @@ def validation_callback(cfg: ExperimentConfig) -> MaskValidation:
                           sampler=cfg.sample.sampler, cfg_mask=cfg.sample.cfg_mask)
 
 
+def run_provenance(cfg: ExperimentConfig, dataset: Dataset) -> Provenance:
+    """What a run's weights are made from: its init checkpoint's records and its training data's."""
+    found = checkpoint_provenance(cfg.train.init_ckpt) if cfg.train.init_ckpt else Provenance()
+    record = getattr(dataset, "provenance_record", None)
+    what = f"{'ControlNet' if cfg.method.name == 'controlnet' else 'Siamese-Diffusion'} run {cfg.train.output_dir}"
+    return found.merge(record(what) if record else external(f"training data of run {cfg.train.output_dir}",
+                                                            note=f"a {type(dataset).__name__} without records"))
+
+
+def _provenance_metadata(run: Path) -> Callable[[], dict[str, str]]:
+    def metadata() -> dict[str, str]:
+        found = read_provenance(run)
+        return found.to_metadata() if found is not None else {}
+    return metadata
+
+
 def make_trainer(cfg: ExperimentConfig, *, load_universal: bool = False) -> pl.Trainer:
     t = cfg.train
     accelerator = t.accelerator if t.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
@@ -171,7 +196,7 @@ def make_trainer(cfg: ExperimentConfig, *, load_universal: bool = False) -> pl.T
                            save_on_train_epoch_end=False)
     callbacks: list[pl.Callback] = [ckpt, FinalCheckpoint(checkpoint_dir(cfg), t.checkpoint_every), StepProgressBar()]
     if t.ema.enabled:
-        callbacks.append(EMACallback(t.ema.decay, out / "ema_trainable.safetensors"))
+        callbacks.append(EMACallback(t.ema.decay, out / "ema_trainable.safetensors", _provenance_metadata(out)))
     return pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=t.num_nodes, plugins=plugins,
                       strategy=strategy, precision=t.precision, max_steps=t.total_steps,
                       logger=make_loggers(cfg), log_every_n_steps=t.log_every, callbacks=callbacks,
@@ -181,14 +206,17 @@ def make_trainer(cfg: ExperimentConfig, *, load_universal: bool = False) -> pl.T
 
 def train(cfg: ExperimentConfig, *, resume: str | Path | None = None, force: bool = False,
           unsafe_pickle: bool = False, changes: dict | None = None,
-          build: Callable[[ExperimentConfig], tuple[TrainModule, Dataset]] | None = None) -> pl.Trainer:
+          build: Callable[[ExperimentConfig], tuple[TrainModule, Dataset]] | None = None,
+          provenance: Provenance | None = None) -> pl.Trainer:
     """Run training as configured; returns the finished Trainer (its checkpoint callback knows the files).
 
     ``resume``: a checkpoint (``step=N.ckpt``) or ``"latest"`` (the newest complete one of ``train.output_dir``);
     ``cfg`` is then the run's config (``siamese.run_dir.resume_config``, whose ``changes`` are recorded). Without
     it, ``train.output_dir`` must not hold another run unless ``force``. ``build(cfg) -> (module, dataset)``
     replaces the default (the ControlNet / Siamese module from the config and the training pairs): base
-    pretraining runs its stages through this same trainer, checkpointing and resume.
+    pretraining runs its stages through this same trainer, checkpointing and resume. A fresh run writes
+    ``RUN/provenance.json``: ``provenance``, or its init checkpoint's records and its dataset's (``run_provenance``);
+    the EMA export, ``zero_to_fp32.py`` and ``tool_merge_control.py`` carry it on.
     """
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     # The frozen VAE and text encoder stay in eval mode on purpose.
@@ -206,6 +234,8 @@ def train(cfg: ExperimentConfig, *, resume: str | Path | None = None, force: boo
         module, dataset = build(cfg)
     if isinstance(dataset, MaskImageDataset):
         dataset.check_pairs()  # every pair's aspect ratio from the file headers: fail now, not an hour in
+    if ckpt is None and is_first_process():
+        (provenance or run_provenance(cfg, dataset)).write(run)
     if len(dataset) < cfg.train.batch_size:
         raise ConfigError(f"the dataset has {len(dataset)} pairs, fewer than train.batch_size={cfg.train.batch_size}")
     # The data order is a function of (seed, global step): a resumed run continues the interrupted epoch exactly.

@@ -38,8 +38,9 @@ from cldm.convert import (
     training_to_model_keys,
 )
 from cldm.lora import plain_name, plain_names
-from siamese.config import ExperimentConfig, checkpoint_metadata, load_config
+from siamese.config import ExperimentConfig, checkpoint_metadata, checkpoint_provenance, load_config
 from siamese.factory import meta_training_model
+from siamese.run_dir import find_run_provenance
 from tools._cli import add_common_flags, check_output, make_parser, run
 
 logger = logging.getLogger("siamese.zero_to_fp32")
@@ -121,7 +122,9 @@ def _body(args: argparse.Namespace) -> int:
         logger.warning("no config.yaml found near %s: keys are not checked against a model (pass --config)", ckpt)
     start = time.perf_counter()
     state, cast = convert(ckpt, cfg, unsafe_pickle=args.unsafe_pickle)
-    metadata = checkpoint_metadata(cfg, "fp32", source=str(ckpt.name))
+    # The run's record of what it trained on (RUN/provenance.json), else the checkpoint named as an unknown.
+    provenance = find_run_provenance(ckpt) or checkpoint_provenance(ckpt)
+    metadata = checkpoint_metadata(cfg, "fp32", provenance, source=str(ckpt.name))
     save_state_dict(state, out, metadata=metadata, overwrite=args.force)
     numel = sum(v.numel() for v in state.values())
     logger.info("wrote %s: %d tensors, %.1f M values, float32 (%d cast from lower precision)%s in %.1f s", out,

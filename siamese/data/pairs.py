@@ -7,7 +7,10 @@ three exist, so a crash at any point leaves at most files that a re-run regenera
 manifest. Several processes (``--shard i/n``) share one OUT: every manifest line goes out as a single ``os.write`` on
 an ``O_APPEND`` descriptor under an exclusive ``flock`` after reading what the others appended, so lines never
 interleave and no pair gets two lines. A resumed run refuses an OUT whose
-manifest was written with other settings (checkpoint, config, seed, steps, …) instead of mixing the two.
+manifest was written with other settings (checkpoint, config, seed, steps, …) instead of mixing the two. A line
+names the mask it was generated from (``source``) and any kept background by a path relative to OUT and by digest
+(``source_digest``, ``background_digest``); ``OUT/provenance.json`` records the models and data behind the pairs
+(``siamese.data.provenance``), for the evaluation's leak check.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 from siamese.data.images import resize_image, write_png
 from siamese.data.masks import erode_mask, mask_erodes, mask_to_png, resize_mask
+from siamese.data.provenance import PROVENANCE_FILE, Provenance, digest_file, read_provenance
 
 try:  # POSIX; elsewhere lines are still appended with one write each, without the advisory lock
     import fcntl
@@ -132,8 +136,9 @@ class PairWriter:
     ``info`` goes into each line without being compared."""
 
     def __init__(self, out_dir: str | Path, run_info: Mapping[str, Any], *, keep_size: bool = False,
-                 info: Mapping[str, Any] | None = None) -> None:
+                 info: Mapping[str, Any] | None = None, provenance: Provenance | None = None) -> None:
         self.out = Path(out_dir)
+        self.provenance = provenance  # what made these pairs: OUT/provenance.json, written with the first pair
         # Mask erosion (MedDiff-FT's "corrosion", siamese.data.masks.erode_mask) of the saved masks, in saved pixels.
         self.erode, self.erode_kernel = int(run_info.get("erode", 0)), str(run_info.get("erode_kernel", "ellipse"))
         erode_mask(np.zeros((1, 1), np.uint8), self.erode, self.erode_kernel)  # refuse bad settings up front
@@ -154,10 +159,15 @@ class PairWriter:
     def paths(self, name: str) -> tuple[Path, Path]:
         return self.out / IMAGES_DIR / f"{name}.png", self.out / MASKS_DIR / f"{name}.png"
 
+    def relative(self, path: Path) -> str:
+        """``path`` relative to OUT (how a manifest names the files outside it: resolved against its folder)."""
+        return os.path.relpath(Path(path).resolve(), self.out.resolve())
+
     def record(self, item: WorkItem) -> dict[str, Any]:
         image, mask = self.paths(item.name)
         return {"name": item.name, "image": str(image.relative_to(self.out)), "mask": str(mask.relative_to(self.out)),
-                "source": str(item.source.path), "source_name": item.source.name, "prompt": item.source.prompt,
+                "source": self.relative(item.source.path), "source_digest": digest_file(item.source.path),
+                "source_name": item.source.name, "prompt": item.source.prompt,
                 "k": item.k, "seed": item.seed, **self.run_info, **self.info}
 
     def check_compatible(self, items: Sequence[WorkItem]) -> None:
@@ -165,11 +175,17 @@ class PairWriter:
         expected = {item.name: self.record(item) for item in items}
         for name, old in self.recorded.items():
             keys = list(self.run_info) + (list(ITEM_KEYS) if name in expected else [])
+            if name in expected and "source_digest" in old:  # lines written before digests were recorded lack it
+                keys.append("source_digest")
             new = expected.get(name, self.run_info)
             for key in keys:
                 if not _same(old.get(key, RUN_INFO_DEFAULTS.get(key)), new.get(key)):
                     raise ValueError(f"{self.manifest_path}: pair {name} was made with {key}={old.get(key)!r}, this "
                                      f"run has {key}={new.get(key)!r}; use another --out (or the same settings)")
+        found = read_provenance(self.out) if (self.out / PROVENANCE_FILE).is_file() else None
+        if self.provenance is not None and found is not None and found != self.provenance:
+            raise ValueError(f"{self.out / PROVENANCE_FILE}: these pairs were made from other models or data than "
+                             "this run's (the provenance differs); use another --out")
 
     def is_complete(self, name: str) -> bool:
         """Image, mask and manifest line all present (as far as this writer has read the manifest)."""
@@ -186,7 +202,10 @@ class PairWriter:
             mask01 = resize_mask(pair.source_mask01, (height, width))
         record = self.record(pair.item)
         if pair.background is not None:
-            record["background"] = str(pair.background)
+            record["background"] = self.relative(pair.background)
+            record["background_digest"] = digest_file(pair.background)
+        if self.provenance is not None and not (self.out / PROVENANCE_FILE).is_file():
+            self.provenance.write(self.out)
         if self.erode:
             record["mask_eroded"] = mask_erodes(mask01, self.erode, self.erode_kernel)  # False: kept, else empty
             mask01 = erode_mask(mask01, self.erode, self.erode_kernel)

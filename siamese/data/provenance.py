@@ -135,16 +135,17 @@ class Provenance:
             raise ValueError(f"{where}: metadata {METADATA_PROVENANCE} is not JSON ({exc})") from None
 
     def write(self, folder: str | Path) -> Path:
-        """``folder/provenance.json`` (atomic)."""
+        """``folder/provenance.json`` (atomic; the folder is created if needed)."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
         path = Path(folder) / PROVENANCE_FILE
         write_json_atomic(path, self.to_json(), indent=1)
         return path
 
 
 def read_provenance(folder: str | Path) -> Provenance | None:
-    """``folder/provenance.json`` (or the file itself), or None when there is none."""
+    """``folder/provenance.json`` (or that file itself), or None when there is none."""
     path = Path(folder)
-    path = path if path.is_file() else path / PROVENANCE_FILE
+    path = path if path.name == PROVENANCE_FILE else path / PROVENANCE_FILE
     if not path.is_file():
         return None
     try:

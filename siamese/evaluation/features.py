@@ -187,7 +187,8 @@ def read_run_images(out_dir: str | Path) -> list[RunImage]:
         path = out_dir / str(record["image"])
         if not path.is_file():
             raise FileNotFoundError(f"{manifest}: image of {record['name']} is missing: {path}")
-        source = str(record.get("source", record.get("source_name", record["name"])))
+        # The mask a pair was generated from: by digest (the same mask in any folder), else as the manifest names it.
+        source = str(record.get("source_digest") or record.get("source", record.get("source_name", record["name"])))
         k = record.get("k", 0)
         rows.append((int(k) if isinstance(k, (int, float)) else 0, source, str(record["name"]), path))
     rows.sort(key=lambda row: row[:3])
