@@ -40,7 +40,8 @@ def test_demo_runs_every_stage_and_writes_the_report(demo_out):
     # Each stage went through the real command-line tools, in workflow order.
     commands = (demo_out / "commands.sh").read_text().splitlines()
     tools_run = [line.split()[1] if line.startswith("python ") else line.split()[0] for line in commands]
-    assert tools_run[:4] == ["-m", "cp", "tool_add_control.py", "tutorial_train.py"]
+    assert tools_run[:5] == ["-m", "-m", "cp", "tool_add_control.py", "tutorial_train.py"]
+    assert "tools.split" in commands[1] and "split/train" in commands[4]  # split first, trained on its train side
     assert tools_run.count("tutorial_train.py") == 2 and tools_run.count("tutorial_inference.py") == 6
     assert tools_run[-1] == "-m" and "tools.evaluate" in commands[-1]
     assert "The evaluation tools on these pairs" in report and (demo_out / "eval" / "report.md").is_file()
@@ -57,6 +58,23 @@ def test_rerun_skips_finished_stages(demo_out, caplog):
     assert "train siamese" in result["skipped_stages"] and "sample untrained random" in result["skipped_stages"]
     assert result["stage_seconds"] == {}
     assert (demo_out / "models" / "siamese.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_rerun_with_other_sampling_settings_recomputes_the_sampling_not_the_training(demo_out, caplog):
+    caplog.set_level(logging.INFO)
+    model = (demo_out / "models" / "siamese.safetensors").stat().st_mtime_ns
+    sample = (demo_out / "synth" / "siamese" / "real" / "manifest.jsonl").read_text()
+    assert demo.main(["--out", str(demo_out), *QUICK, "--cfg", "2.0"]) == 0
+    result = json.loads((demo_out / "report.json").read_text())
+    assert {"train siamese", "export siamese", "data", "split"} <= set(result["skipped_stages"])
+    assert "sample siamese real" in result["stage_seconds"] and "evaluate" in result["stage_seconds"]
+    assert (demo_out / "models" / "siamese.safetensors").stat().st_mtime_ns == model
+    new = (demo_out / "synth" / "siamese" / "real" / "manifest.jsonl").read_text()
+    assert new != sample and '"cfg": 2.0' in new and result["settings"]["cfg"] == 2.0
+    # The evaluation scored on the split's test side, after the provenance check accepted the clean pairs.
+    evaluation = json.loads((demo_out / "eval" / "report.json").read_text())
+    assert evaluation["split"] == {"origin": evaluation["split"]["origin"], "train": 8, "test": 2}
+    assert not any(w.startswith("ACCEPTED LEAK") for w in evaluation["leak_check"]["warnings"])
 
 
 def test_force_redoes_and_pretrain_makes_the_base(tmp_path):

@@ -6,13 +6,15 @@
 Every step runs through the framework's own command-line tools; the equivalent shell commands are written to
 OUT/commands.sh as they run:
 
-1. data: labelled lesion image-mask pairs generated on disk (the few hundred labelled images a user has);
+1. data: labelled lesion image-mask pairs generated on disk (the few hundred labelled images a user has), split
+   first (``python -m tools.split``, 20 % test): every model below trains on OUT/split/train only, and the
+   evaluation scores on OUT/split/test, after checking each synthetic folder's provenance;
 2. base: the tiny pretrained base model, what SD1.5 is at full scale (data/pretrained/base_tiny.safetensors, made by
    ``python -m tools.pretrain --config configs/base_tiny.yaml`` and checked by sha256; ``--pretrain`` makes it here);
 3. ``tool_add_control.py``: the initial ControlNet checkpoint;
 4. Siamese-Diffusion training (DeepSpeed ZeRO-2) → ``zero_to_fp32.py`` → ``tool_merge_control.py``;
 5. the plain-ControlNet baseline with the same budget (``--no-baseline`` skips it);
-6. ``tutorial_inference.py``: pairs from the training masks ("real") and augmented ones ("random"), for both
+6. ``tutorial_inference.py``: pairs from the training side's masks ("real") and augmented ones ("random"), for both
    trained models and the untrained one (the initial checkpoint: its control is zero);
 7. ``python -m tools.evaluate`` on the Siamese pairs: a segmenter on the real pairs vs real + synthetic (one seed),
    mask fidelity with a segmenter trained on the real pairs, diversity, memorisation (OUT/eval/);
@@ -21,13 +23,16 @@ OUT/commands.sh as they run:
    real-data segmenter's for the Siamese pairs), the downstream table, in OUT/report.md, OUT/report.json and
    OUT/grid.png (mask | generated | overlay, then the baseline and the untrained model).
 
-A stage that finished is skipped on a re-run (an interrupted training resumes from its newest checkpoint);
-``--force`` redoes everything. What it shows and what it cannot: see the README's "The demo" section.
+A stage that finished is skipped on a re-run only when its key matches (OUT/stages.json: the settings that change it
+and the keys of the stages it consumes), so a re-run with another --cfg, --seed or --sample-steps recomputes the
+sampling and what follows, never relabels old outputs; an interrupted training with the same key resumes from its
+newest checkpoint. ``--force`` redoes everything. What it shows and what it cannot: see the README's "The demo" section.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import resource
@@ -54,6 +59,7 @@ from siamese.evaluation.fidelity import dice, score_pairs, segment_generated_les
 from siamese.factory import build_latent_diffusion
 from tools import add_control, demo_data, inference, merge_control, pretrain, train, zero_to_fp32
 from tools import evaluate as evaluate_tool
+from tools import split as split_tool
 from tools._cli import make_parser, run
 from tools.demo_report import write_grid_figure, write_report
 
@@ -63,6 +69,8 @@ CONFIGS = REPO / "configs"
 SHIPPED_BASE = REPO / "data" / "pretrained" / "base_tiny.safetensors"
 SHIPPED_BASE_SHA256 = "53b07add3dc3ab0f6c58dbc9a120a8edac223da14ff2097331effb711fc6be93"
 MARKER = ".siamese-demo"
+STAGES_FILE = "stages.json"
+TEST_FRACTION = 0.2
 METHODS = ("siamese", "controlnet")
 MODES = ("real", "random")
 
@@ -93,6 +101,7 @@ class Demo:
     settings: Settings
     timings: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)  # this run's stage keys
 
     @property
     def out(self) -> Path:
@@ -109,14 +118,39 @@ class Demo:
         if code:
             raise DemoError(f"stage {stage}: `{line}` exited with {code} (see the error above)")
 
-    def stage(self, name: str, done: bool, body: Callable[[], None]) -> None:
-        if done:
+    def _recorded(self) -> dict:
+        path = self.out / STAGES_FILE
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def _record(self, name: str, key: str, done: bool) -> None:
+        write_json_atomic(self.out / STAGES_FILE, {**self._recorded(), name: {"key": key, "done": done}}, indent=1)
+
+    def stage(self, name: str, outputs: list[Path], params: dict, upstream: list[str], body: Callable[[], None],
+              *, complete: bool = True, resumable: bool = False) -> None:
+        """Run ``body`` unless the stage is recorded done with this key (its ``params`` and its ``upstream`` stages'
+        keys) and ``complete``. Outputs made under another key are removed first; with the same key an unfinished
+        ``resumable`` stage (training) keeps them and continues."""
+        key = hashlib.sha256(json.dumps({"params": params, "upstream": [self.keys[u] for u in upstream]},
+                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.keys[name] = key
+        old = self._recorded().get(name, {})
+        if old.get("key") == key and old.get("done") and complete:
             logger.info("== %s: already done (--force redoes it)", name)
             self.skipped.append(name)
             return
+        if old.get("key") != key or not resumable:
+            if old:
+                logger.info("== %s: made with other settings or inputs: redone", name)
+            for path in outputs:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
         logger.info("== %s", name)
+        self._record(name, key, False)
         start = time.perf_counter()
         body()
+        self._record(name, key, True)
         self.timings[name] = round(time.perf_counter() - start, 1)
 
     # -- paths ------------------------------------------------------------------------------------------------------
@@ -144,6 +178,11 @@ class Demo:
         s = self.settings
         self.tool("data", "python -m tools.demo_data", demo_data.main,
                   [str(self.path("data")), "--samples", str(s.train_pairs), "--seed", str(s.seed), "--force"])
+
+    def make_split(self) -> None:
+        self.tool("split", "python -m tools.split", split_tool.main,
+                  [str(self.path("data")), "--out", str(self.path("split")), "--test-fraction", str(TEST_FRACTION),
+                   "--seed", str(self.settings.seed), "--force"])
 
     def make_base(self) -> None:
         target = self.path("base.safetensors")
@@ -180,7 +219,8 @@ class Demo:
     def train_method(self, method: str) -> None:
         s, run_dir = self.settings, self.run_dir(method)
         argv = ["--config", str(CONFIGS / f"{method}_tiny.yaml"), f"train.init_ckpt={self.path('init.safetensors')}",
-                f"data.root={self.path('data')}", f"train.output_dir={run_dir}", f"train.total_steps={s.steps}",
+                f"data.root={self.path('split', 'train')}", f"train.output_dir={run_dir}",
+                f"train.total_steps={s.steps}",
                 f"train.lr={s.lr}", f"train.batch_size={s.batch_size}", f"train.seed={s.seed + 42}",
                 f"train.checkpoint_every={max(1, s.steps // 3)}", "train.keep_checkpoints=1",
                 f"train.image_log_every={s.steps}", "train.log_every=10", f"sample.steps={s.sample_steps}",
@@ -202,14 +242,14 @@ class Demo:
     def sample(self, model: str, mode: str) -> None:
         s = self.settings
         self.tool(f"sample {model}", "python tutorial_inference.py", inference.main,
-                  ["--ckpt", str(self.model_file(model)), "--masks", str(self.path("data", "masks")), "--out",
+                  ["--ckpt", str(self.model_file(model)), "--masks", str(self.path("split", "train", "masks")), "--out",
                    str(self.synth_dir(model, mode)), "--limit", str(s.pairs), "--mask-mode", mode, "--steps",
                    str(s.sample_steps), "--cfg", str(s.cfg), "--seed", str(s.seed), "--batch-size", "8"])
 
     def evaluate(self) -> None:
         """The evaluation tools on the demo's data: the downstream benchmark (one seed: real vs real + Siamese
         pairs), mask fidelity with a segmenter trained on the real pairs, diversity and memorisation."""
-        argv = ["--real", str(self.path("data")), "--out", str(self.path("eval")), "--seeds", "1",
+        argv = ["--real", str(self.path("split")), "--out", str(self.path("eval")), "--seeds", "1",
                 "--arms", "real,real+synthetic", "--seg-steps", str(self.settings.seg_steps), "--resolution", "64",
                 "--no-progress"]
         for mode in MODES:
@@ -219,7 +259,7 @@ class Demo:
     def references(self) -> dict[str, dict[str, float]]:
         """What the rule and the base allow: the rule on the real training images, and on the base VAE's
         reconstructions of them (no generator can place a lesion more exactly than its first stage draws it)."""
-        records = read_prompt_jsonl(self.path("data", "prompt.json"))[:self.settings.pairs]
+        records = read_prompt_jsonl(self.path("split", "train", "prompt.json"))[:self.settings.pairs]
         images = [read_image_rgb(r.target) for r in records]
         masks = [read_mask(r.source) for r in records]
         base = self.path("base.safetensors")
@@ -256,17 +296,33 @@ class Demo:
     def run(self) -> dict:
         start = time.perf_counter()
         s = self.settings
-        self.stage("data", self.path("data", "prompt.json").is_file(), self.make_data)
-        self.stage("base", self.path("base.safetensors").is_file(), self.make_base)
-        self.stage("init", self.path("init.safetensors").is_file(), self.make_init)
+        self.stage("data", [self.path("data")], {"pairs": s.train_pairs, "seed": s.seed}, [], self.make_data,
+                   complete=self.path("data", "prompt.json").is_file())
+        self.stage("split", [self.path("split")], {"fraction": TEST_FRACTION, "seed": s.seed}, ["data"],
+                   self.make_split, complete=self.path("split", "splits.json").is_file())
+        self.stage("base", [self.path("base.safetensors"), self.path("pretrain")],
+                   {"pretrain": s.pretrain, "steps": s.pretrain_steps}, [], self.make_base,
+                   complete=self.path("base.safetensors").is_file())
+        self.stage("init", [self.path("init.safetensors")], {}, ["base"], self.make_init,
+                   complete=self.path("init.safetensors").is_file())
+        # --sample-steps and --cfg reach training only through its image log: not part of its key.
+        training = {k: getattr(s, k) for k in ("steps", "lr", "batch_size", "seed")}
         for method in METHODS if s.baseline else ("siamese",):
-            self.stage(f"train {method}", self.final_checkpoint(method).is_dir(), lambda m=method: self.train_method(m))
-            self.stage(f"export {method}", self.model_file(method).is_file(), lambda m=method: self.export_method(m))
+            self.stage(f"train {method}", [self.run_dir(method)], training, ["split", "init"],
+                       lambda m=method: self.train_method(m), complete=self.final_checkpoint(method).is_dir(),
+                       resumable=True)
+            self.stage(f"export {method}", [self.model_file(method)], {}, [f"train {method}"],
+                       lambda m=method: self.export_method(m), complete=self.model_file(method).is_file())
+        sampling = {k: getattr(s, k) for k in ("pairs", "sample_steps", "cfg", "seed")}
         for model in self.models:
             for mode in MODES:
-                done = len(read_manifest(self.synth_dir(model, mode) / "manifest.jsonl")) >= s.pairs
-                self.stage(f"sample {model} {mode}", done, lambda m=model, md=mode: self.sample(m, md))
-        self.stage("evaluate", self.path("eval", "report.json").is_file(), self.evaluate)
+                made = len(read_manifest(self.synth_dir(model, mode) / "manifest.jsonl")) >= s.pairs
+                self.stage(f"sample {model} {mode}", [self.synth_dir(model, mode)], sampling,
+                           ["split", "init" if model == "untrained" else f"export {model}"],
+                           lambda m=model, md=mode: self.sample(m, md), complete=made)
+        self.stage("evaluate", [self.path("eval")], {"seg_steps": s.seg_steps}, ["split"] +
+                   [f"sample siamese {mode}" for mode in MODES], self.evaluate,
+                   complete=self.path("eval", "report.json").is_file())
         logger.info("== report")
         return self.report(time.perf_counter() - start)
 
@@ -317,8 +373,10 @@ def _body(args: argparse.Namespace) -> int:
     for key in ("train_pairs", "steps", "batch_size", "pairs", "sample_steps", "pretrain_steps", "seg_steps"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.pairs > args.train_pairs:
-        raise ConfigError(f"--pairs {args.pairs} exceeds --train-pairs {args.train_pairs} (one pair per training mask)")
+    train_side = args.train_pairs - max(1, round(TEST_FRACTION * args.train_pairs))
+    if args.pairs > train_side:
+        raise ConfigError(f"--pairs {args.pairs} exceeds the {train_side} pairs of the training side of "
+                          f"--train-pairs {args.train_pairs} (one pair per training mask)")
     settings = Settings(out=args.out, train_pairs=args.train_pairs, steps=args.steps, lr=args.lr,
                         batch_size=args.batch_size, pairs=args.pairs, sample_steps=args.sample_steps, cfg=args.cfg,
                         seed=args.seed, pretrain=args.pretrain, pretrain_steps=args.pretrain_steps,
