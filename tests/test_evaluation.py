@@ -246,3 +246,16 @@ def test_evaluate_refuses_bad_inputs_in_one_line(data, tmp_path, caplog):
     assert evaluate_tool.main(["--real", str(real), "--synthetic", str(tmp_path), "--out", str(tmp_path / "c"),
                                "--no-benchmark", *QUICK]) == 1
     assert "manifest.jsonl" in caplog.text
+
+
+def test_near_duplicates_find_a_re_encoded_test_image_and_no_distinct_one(data, tmp_path):
+    from siamese.evaluation.leaks import near_duplicates
+
+    split, _ = data
+    train, test = real_pairs(split / "train"), real_pairs(split / "test")
+    assert near_duplicates(train, test) == []  # 16 × 4 distinct generated images
+    image = cv2.imread(str(test[1].image))
+    copy = tmp_path / "copy.jpg"
+    cv2.imwrite(str(copy), cv2.resize(image, (48, 48), interpolation=cv2.INTER_CUBIC), [cv2.IMWRITE_JPEG_QUALITY, 70])
+    found = near_duplicates([*train, Pair("renamed", copy, train[0].mask)], test)
+    assert [(a, b) for a, b, _ in found] == [("renamed", test[1].name)] and found[0][2] > 0.95

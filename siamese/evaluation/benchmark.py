@@ -32,7 +32,7 @@ from siamese.data.images import read_image_rgb
 from siamese.data.masks import read_mask
 from siamese.data.provenance import digest_file
 from siamese.data.split import Pair
-from siamese.evaluation.leaks import NEAR_DUPLICATE_BITS, LeakReport, check_synthetic, near_duplicates
+from siamese.evaluation.leaks import NEAR_DUPLICATE_CORRELATION, LeakReport, check_synthetic, near_duplicates
 from siamese.evaluation.metrics import dice, iou
 from siamese.evaluation.segmenter import SegmenterConfig, predict, save_segmenter, train_segmenter
 from siamese.evaluation.splits import RealSplit, check_no_leak, real_split
@@ -75,7 +75,7 @@ class Inputs:
     synthetic: list[Pair]
     excluded_test_masks: int = 0
     warnings: list[str] = field(default_factory=list)
-    near_duplicates: list[tuple[str, str, int]] = field(default_factory=list)
+    near_duplicates: list[tuple[str, str, float]] = field(default_factory=list)
 
     @cached_property
     def train_digests(self) -> list[list[str]]:
@@ -126,9 +126,9 @@ def prepare_inputs(real_root: str | Path, synthetic: Sequence[str | Path], out: 
     order = np.random.default_rng(cfg.split_seed).permutation(len(report.pairs)) if report.pairs else []
     inputs = Inputs(split, [report.pairs[i] for i in order], report.excluded_test_masks, list(report.warnings))
     inputs.near_duplicates = near_duplicates(split.train, split.test)
-    for train_name, test_name, bits in inputs.near_duplicates[:5]:
-        inputs.warnings.append(f"near-duplicate: training image {train_name} and test image {test_name} differ by "
-                               f"{bits} of 64 dHash bits (≤ {NEAR_DUPLICATE_BITS}: likely the same picture)")
+    for train_name, test_name, corr in inputs.near_duplicates[:5]:
+        inputs.warnings.append(f"near-duplicate: training image {train_name} and test image {test_name} correlate "
+                               f"{corr:.3f} (≥ {NEAR_DUPLICATE_CORRELATION}: likely the same picture)")
     if len(inputs.near_duplicates) > 5:
         inputs.warnings.append(f"… {len(inputs.near_duplicates) - 5} more near-duplicate train/test pairs")
     split.save()
