@@ -8,7 +8,7 @@ in the Lightning checkpoint so a resumed run continues exactly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,15 +29,21 @@ logger = logging.getLogger(__name__)
 
 class EMACallback(pl.Callback):
     """Exponential moving average of the trainable parameters (fp32 shadow), exported at the end of training;
-    ``metadata()`` adds string metadata to the export (the run's provenance)."""
+    ``metadata`` (a dict, or a callable returning one when the export is written) adds string metadata to the export:
+    ``tools.train`` gives the run's provenance this way (cldm knows nothing of what it means)."""
 
-    def __init__(self, decay: float, export_path: str | Path, metadata: Callable[[], dict[str, str]] | None = None):
+    def __init__(self, decay: float, export_path: str | Path,
+                 metadata: Mapping[str, str] | Callable[[], Mapping[str, str]] | None = None):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema.decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.export_path = Path(export_path)
         self.metadata = metadata
         self.shadow: dict[str, Tensor] = {}
+
+    def extra_metadata(self) -> dict[str, str]:
+        found = self.metadata() if callable(self.metadata) else self.metadata
+        return {str(k): str(v) for k, v in (found or {}).items()}
 
     def _trainable(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         net = getattr(pl_module, "net", pl_module)  # names as the model has them (no "net." prefix)
@@ -59,7 +65,7 @@ class EMACallback(pl.Callback):
         if trainer.is_global_zero and self.shadow:
             save_state_dict({plain_name(n): v.cpu() for n, v in self.shadow.items()}, self.export_path,
                             metadata={"content": "ema of trainable parameters", "decay": str(self.decay),
-                                      **(self.metadata() if self.metadata else {})},
+                                      **self.extra_metadata()},
                             overwrite=True)
             logger.info("EMA weights written to %s", self.export_path)
 

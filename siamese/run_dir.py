@@ -2,7 +2,9 @@
 
 A run directory (``train.output_dir``) holds ``config.yaml`` (the resolved config of the current segment),
 ``config_history.jsonl`` (one line per segment: when, from which checkpoint, what changed), ``checkpoints/``,
-``logs/``, ``images/`` and the EMA export. The rules:
+``logs/``, ``images/``, the EMA export and ``provenance.json`` (what the run's weights are made from: its init
+checkpoint's records and its training data's, ``siamese.data.provenance``; written when the run starts, kept on
+resume). The rules:
 
 * a new run never writes into a directory that holds another one (it is refused; ``--force`` clears the run's own
   files first), so checkpoints, configs and EMA exports of two runs never mix;
@@ -190,11 +192,21 @@ def loadable_checkpoint(ckpt: Path, run: Path, world_size: int, *, unsafe_pickle
     return target, True
 
 
+def run_provenance(run: str | Path) -> Provenance | None:
+    """What a run directory's weights are made from (its ``provenance.json``, written when the run started), or None
+    for a run started before provenance was recorded."""
+    return read_provenance(Path(run))
+
+
 def find_run_provenance(path: str | Path) -> Provenance | None:
-    """The provenance of the run a checkpoint belongs to (``RUN/checkpoints/step=N.ckpt[/…]`` or ``RUN`` itself):
-    the nearest ``provenance.json`` at most four folders up, or None."""
+    """The provenance of the run a checkpoint belongs to: walks up from ``RUN/checkpoints/step=N.ckpt[/…]`` (or
+    ``RUN`` itself) to the nearest ``provenance.json``, at most four folders up, and stops at the run directory
+    (``config.yaml`` beside ``checkpoints/``): a run without its own record is None, never a record of a folder
+    above it."""
     path = Path(path).resolve()
     for folder in [path, *path.parents][:5]:
         if (folder / PROVENANCE_FILE).is_file():
-            return read_provenance(folder)
+            return run_provenance(folder)
+        if (folder / CONFIG).is_file() and (folder / "checkpoints").is_dir():
+            return None
     return None

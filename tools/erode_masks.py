@@ -8,7 +8,8 @@ label lies inside the soft boundary of the generated lesion. ``tutorial_inferenc
 sampling; this tool does it afterwards, on a folder ``tutorial_inference.py`` wrote (``manifest.jsonl``, ``images/``,
 ``masks/``): OUT gets the same images (hard links where the file system allows, else copies), the eroded masks and
 a manifest whose lines record ``erode``, ``erode_kernel``, ``mask_eroded`` (False: erosion would have emptied the
-mask, which is then kept as it is) and ``eroded_from``. The source folder is never modified; OUT is written under a
+mask, which is then kept as it is) and ``eroded_from`` (``source`` and ``background`` relative to OUT), and SRC's
+``provenance.json`` (what made the pairs). The source folder is never modified; OUT is written under a
 temporary name and renamed at the end. A folder whose masks are already eroded is refused (erode its source).
 """
 

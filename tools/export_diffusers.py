@@ -5,7 +5,8 @@
 
 CKPT is any checkpoint holding ``control_model.*`` under the original names (the output of tool_merge_control.py,
 with or without ``--only-trainable``, or tool_add_control.py's); its config comes from its metadata unless
-``--config`` is given. OUT_DIR receives ``config.json`` and ``diffusion_pytorch_model.safetensors``, what
+``--config`` is given. OUT_DIR receives ``config.json`` and ``diffusion_pytorch_model.safetensors`` (whose metadata
+carries the checkpoint's provenance, ``siamese.provenance``: what its weights were trained on), what
 ``diffusers.ControlNetModel.from_pretrained(OUT_DIR)`` reads: the ControlNet alone, to use with an SD1.5 pipeline
 (``StableDiffusionControlNetPipeline``) whose UNet, VAE and text encoder come from the same base. The folder is
 written under a temporary name beside OUT_DIR and renamed at the end; an existing OUT_DIR is refused without
@@ -29,7 +30,7 @@ from ldm.fileio import replace_dir, write_json_atomic
 from torch import Tensor
 
 from cldm.diffusers_export import CONFIG_NAME, WEIGHTS_NAME, check_exportable, diffusers_config, to_diffusers
-from siamese.config import checkpoint_metadata
+from siamese.config import checkpoint_metadata, checkpoint_provenance
 from tools._cli import add_common_flags, check_output_dir, make_parser, run
 from tools.merge_control import resolve_config
 
@@ -80,7 +81,9 @@ def _body(args: argparse.Namespace) -> int:
     check_exportable(unet, control)  # before reading gigabytes
     start = time.perf_counter()
     tensors = to_diffusers(load_state_dict(args.ckpt, unsafe_pickle=args.unsafe_pickle), unet, control)
-    metadata = {"format": "pt", **checkpoint_metadata(cfg, "diffusers_controlnet", source=args.ckpt.name)}
+    # What the weights are made from travels with them (the checkpoint's records; an external one if it has none).
+    metadata = {"format": "pt", **checkpoint_metadata(cfg, "diffusers_controlnet", checkpoint_provenance(args.ckpt),
+                                                      source=args.ckpt.name)}
     write_folder(out, diffusers_config(unet, control), tensors, metadata)
     numel = sum(v.numel() for v in tensors.values())
     logger.info("wrote %s (%s + %s: %d tensors, %.1f M values; config from %s) in %.1f s; load it with "

@@ -8,11 +8,12 @@ MedDiff-FT's quality filter (Xie et al., MICCAI 2025): each generated image's co
 image in a frozen feature space (``siamese/meddiff/filtering.py``; the band defaults to what the real images'
 leave-one-out similarities imply, ``--low`` / ``--high`` set it). SRC is a folder tutorial_inference.py wrote; REAL a
 prompt.json dataset or a folder of images. OUT becomes a pairs folder of the kept pairs (images and masks hard-linked
-where possible, else copied; ``manifest.jsonl`` with each kept line plus its ``filter_similarity``), usable as is by
-``tools.evaluate --synthetic OUT``, and ``OUT/filter_report.json`` with the band and every pair's similarity, nearest
-real image and verdict. Nothing is deleted; SRC is never modified. The feature tower comes from a local weight file
-(nothing downloads): ``timm:<name>`` (e.g. DINOv2), ``torchvision:<arch>``, ``open_clip:<model>``, ``inception``, or
-``tiny`` (a seeded random network: tests only).
+where possible, else copied; ``manifest.jsonl`` with each kept line plus its ``filter_similarity``, ``source`` and
+``background`` relative to OUT; SRC's ``provenance.json``), usable as is by ``tools.evaluate --synthetic OUT``, and
+``OUT/filter_report.json`` with the band and every pair's similarity, nearest real image and verdict. Nothing is
+deleted; SRC is never modified. The feature tower comes from a local weight file (nothing downloads):
+``timm:<name>`` (e.g. DINOv2), ``torchvision:<arch>``, ``open_clip:<model>``, ``inception``, or ``tiny`` (a seeded
+random network: tests only).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from siamese.config import (
     load_config,
 )
 from siamese.data.masks import MaskAugment
-from siamese.data.pairs import PairWriter, write_grid
+from siamese.data.pairs import IMAGES_DIR, MASKS_DIR, PairWriter, write_grid
 from siamese.data.provenance import Provenance, dataset_record, read_provenance
 from siamese.factory import build_latent_diffusion, build_model, load_weights
 from siamese.sampling import (
@@ -96,17 +96,23 @@ def default_device() -> torch.device:
     return torch.device(accelerator) if accelerator is not None else torch.device("cpu")
 
 
+def _folder_provenance(path: Path, subfolder: str) -> Provenance | None:
+    """The ``provenance.json`` records of a folder: the one given, a file's own folder (prompt.json), or also the
+    folder above when the path is its ``masks/`` / ``images/`` subfolder (``tools.maskgen sample OUT`` → OUT/masks)."""
+    path = Path(path)
+    folders = (path.parent,) if path.is_file() else (path, path.parent) if path.name == subfolder else (path,)
+    found = [p for p in map(read_provenance, folders) if p is not None]
+    return found[0].merge(*found[1:]) if found else None
+
+
 def sampling_provenance(ckpt: Path, masks: Path, backgrounds: Path | None) -> Provenance:
-    """What a pairs folder is made from: the checkpoint's records, those of the masks' folder (a mask generator's
-    output carries its provenance.json) and those of the background library (its provenance.json, else a content
-    record of its image files)."""
-    found = checkpoint_provenance(ckpt)
-    masks = Path(masks)
-    folders = (masks.parent,) if masks.is_file() else (masks, masks.parent) if masks.name == "masks" else (masks,)
-    for folder in folders:
-        found = found.merge(read_provenance(folder))
+    """What a pairs folder is made from (its ``provenance.json``): the checkpoint's records
+    (``checkpoint_provenance``), those of the masks' folder (a mask generator's output carries its provenance.json)
+    and those of the background library (its provenance.json, e.g. ``tools.repair_backgrounds``', else a ``content``
+    record of its image files by digest)."""
+    found = checkpoint_provenance(ckpt).merge(_folder_provenance(masks, MASKS_DIR))
     if backgrounds is not None:
-        library = read_provenance(backgrounds)
+        library = _folder_provenance(backgrounds, IMAGES_DIR)
         found = found.merge(library if library is not None else Provenance((
             dataset_record(f"backgrounds {backgrounds}", backgrounds, collect_backgrounds(backgrounds),
                            role="content"),)))

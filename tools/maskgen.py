@@ -8,10 +8,12 @@
 
 ``train`` runs ``tools.train.train`` (Lightning, DeepSpeed, checkpoints, ``--resume latest``) with the ``maskgen``
 section's steps, lr and batch size in ``<train.output_dir>/maskgen``, then writes the trained UNet's fp32 weights
-with the resolved config in the metadata. ``sample`` takes everything from that metadata: it writes
-``OUT/masks/gen_000000.png`` … (exactly 0/255), ``OUT/manifest.jsonl`` (name, seed, area, components, IoU to the
-nearest training mask) and ``OUT/statistics.json`` (the generated masks against the training masks: those of the
-config's data, or ``--train-masks DIR``), into a temporary folder renamed at the end. Each mask has its own seed
+with the resolved config and its provenance (``siamese.provenance``: every training mask by digest, also in
+``<train.output_dir>/maskgen/provenance.json``) in the metadata. ``sample`` takes everything from that metadata: it
+writes ``OUT/masks/gen_000000.png`` … (exactly 0/255), ``OUT/manifest.jsonl`` (name, seed, area, components, IoU to
+the nearest training mask), ``OUT/statistics.json`` (the generated masks against the training masks: those of the
+config's data, or ``--train-masks DIR``) and ``OUT/provenance.json`` (the generator's records, which pairs sampled
+from ``OUT/masks`` inherit), into a temporary folder renamed at the end. Each mask has its own seed
 (SHA-256 of ``--seed`` and its index), so the output does not depend on ``--batch-size``.
 """
 
@@ -35,11 +37,13 @@ from siamese.config import (
     ConfigError,
     ExperimentConfig,
     checkpoint_metadata,
+    checkpoint_provenance,
     config_from_metadata,
     load_config,
 )
 from siamese.data.images import write_png
 from siamese.data.masks import mask_to_png
+from siamese.data.provenance import Provenance
 from siamese.meddiff.maskgen import (
     MaskDataset,
     MaskDDPMModule,
@@ -51,7 +55,9 @@ from siamese.meddiff.maskgen import (
     run_config,
     sample_masks,
     training_masks,
+    training_masks_record,
 )
+from siamese.run_dir import run_provenance
 from tools._cli import add_common_flags, check_output, check_output_dir, make_parser, run
 from tools.pretrain import consolidated_weights, stage_run
 from tools.train import train
@@ -74,14 +80,21 @@ def train_maskgen(cfg_path: Path, overrides: list[str], out: Path, *, resume: st
         return module, MaskDataset(training_masks(cfg))
 
     stage_resume, stage_force = stage_run(stage_cfg, resume, force)
-    train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build)
+
+    def provenance() -> Provenance:  # a fresh network, trained on the masks alone
+        return Provenance((training_masks_record(cfg, f"mask generator run {stage_cfg.train.output_dir}"),))
+
+    train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build,
+          provenance=None if stage_resume else provenance())
     weights = consolidated_weights(stage_cfg, "unet.", unsafe_pickle=unsafe_pickle)
     if cfg.train.ema.enabled:  # DDPM samples from the EMA weights (Ho et al. 2020), written at the end of training
         ema = load_state_dict(Path(stage_cfg.train.output_dir) / "ema_trainable.safetensors")
         weights = {k[len("unet."):]: v for k, v in ema.items() if k.startswith("unet.")}
         logger.info("mask generator: EMA weights (decay %g)", cfg.train.ema.decay)
     load_strict(build_denoiser(cfg.maskgen), weights).raise_if_bad("mask generator")
-    save_state_dict(weights, out, metadata=checkpoint_metadata(cfg, KIND), overwrite=True)
+    # The run's record (written when it started), else (a run from before provenance was recorded) the masks now.
+    recorded = run_provenance(stage_cfg.train.output_dir)
+    save_state_dict(weights, out, metadata=checkpoint_metadata(cfg, KIND, recorded or provenance()), overwrite=True)
     logger.info("mask generator: %s. Next: python -m tools.maskgen sample --ckpt %s --out DIR --n N", out, out)
     return out
 
@@ -131,6 +144,7 @@ def sample_folder(ckpt: Path, out: Path, n: int, *, seed: int = 0, steps: int | 
                 write_png(tmp / "masks" / f"{name}.png", mask_to_png(mask))
                 manifest.write(json.dumps({"name": name, "seed": seeds[i], **stats}) + "\n")
         write_json_atomic(tmp / "statistics.json", summary)
+        checkpoint_provenance(ckpt).write(tmp)  # the masks come from the generator: its training masks' records
     if summary["empty_generated"]:
         logger.warning("%d of %d generated masks are empty (kept, listed in the manifest with area 0)",
                        summary["empty_generated"], n)
@@ -152,7 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_flags(t)
     s = sub.add_parser("sample", help="sample binary masks from a trained generator")
     s.add_argument("--ckpt", type=Path, required=True, help="output of `train`")
-    s.add_argument("--out", type=Path, required=True, help="output folder (masks/, manifest.jsonl, statistics.json)")
+    s.add_argument("--out", type=Path, required=True,
+                   help="output folder (masks/, manifest.jsonl, statistics.json, provenance.json)")
     s.add_argument("--n", type=int, required=True, help="number of masks")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, help="solver steps (default: maskgen.sample_steps)")

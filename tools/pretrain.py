@@ -15,7 +15,10 @@ run alone with ``--stage``.
 
 The output holds SD1.5's key layout (``model.diffusion_model.*``, ``first_stage_model.*``,
 ``cond_stage_model.transformer.text_model.*``, schedule buffers) and the resolved config (with the calibrated scale
-factor) in its metadata: ``tool_add_control.py`` takes it exactly as it takes ``v1-5-pruned.ckpt``.
+factor) in its metadata: ``tool_add_control.py`` takes it exactly as it takes ``v1-5-pruned.ckpt``. Each stage's run
+folder records what it is made from (``provenance.json``: ``train.init_ckpt``'s records, stage 1's for stage 2, and
+every image, or image and mask, it trains on by digest); ``autoencoder.safetensors`` and the base carry it in their
+metadata (``siamese.provenance``), so every model made from the base inherits it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,12 +46,15 @@ from siamese.config import (
     ConfigError,
     ExperimentConfig,
     checkpoint_metadata,
+    checkpoint_provenance,
     config_from_metadata,
     load_config,
     stage_config,
     to_yaml,
 )
+from siamese.data.provenance import Provenance
 from siamese.factory import build_dataset, build_first_stage, build_image_dataset, build_latent_diffusion
+from siamese.run_dir import run_provenance
 from tools._cli import add_common_flags, check_output, make_parser, run
 from tools.train import checkpoint_dir, find_latest_checkpoint, train
 from tools.zero_to_fp32 import read_training_checkpoint
@@ -68,6 +75,25 @@ def stage_run(stage_cfg: ExperimentConfig, resume: str | None, force: bool) -> t
     if resume and not has_checkpoint:
         return None, True
     return (resume if has_checkpoint else None), force
+
+
+def init_provenance(cfg: ExperimentConfig) -> Provenance:
+    """The records of ``train.init_ckpt`` (an SD1.5 release: one ``external`` record), or none without one."""
+    return checkpoint_provenance(cfg.train.init_ckpt) if cfg.train.init_ckpt else Provenance()
+
+
+def stage_provenance(stage_cfg: ExperimentConfig, parents: Provenance, dataset: Dataset) -> Provenance:
+    """What a stage's weights are made from: its parents' records and a ``trained`` record of the data it trains on
+    (every image, and every mask for the masked losses, by digest)."""
+    return parents.merge(dataset.provenance_record(f"base pretraining run {stage_cfg.train.output_dir}"))
+
+
+def finished_provenance(stage_cfg: ExperimentConfig, parents: Provenance,
+                        dataset: Callable[[], Dataset]) -> Provenance:
+    """The record a finished stage's file carries: its run's ``provenance.json`` (written when the stage started),
+    else (a run started before provenance was recorded) the stage's parents and data now."""
+    found = run_provenance(stage_cfg.train.output_dir)
+    return found if found is not None else stage_provenance(stage_cfg, parents, dataset())
 
 
 def _init_weights(cfg: ExperimentConfig, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
@@ -106,7 +132,10 @@ def pretrain_autoencoder(cfg: ExperimentConfig, *, resume: str | None, force: bo
         return module, build_image_dataset(c)
 
     stage_resume, stage_force = stage_run(stage_cfg, resume, force)
-    train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build)
+    provenance = None if stage_resume else stage_provenance(stage_cfg, init_provenance(cfg),
+                                                           build_image_dataset(stage_cfg))
+    train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build,
+          provenance=provenance)
     weights = consolidated_weights(stage_cfg, "", unsafe_pickle=unsafe_pickle)
     first_stage.load_state_dict(filter_prefix(weights, FIRST_STAGE_PREFIX))
     scale = cfg.model.first_stage.scale_factor
@@ -138,9 +167,16 @@ def _first_stage_result(cfg: ExperimentConfig, unsafe_pickle: bool) -> tuple[dic
     return init, cfg.model.first_stage.scale_factor
 
 
+def unet_dataset(cfg: ExperimentConfig) -> Dataset:
+    """What the UNet stage trains on: the masked (MedDiff-FT) losses need image-mask pairs; plain pretraining takes
+    any images."""
+    return build_image_dataset(cfg) if cfg.pretrain.unet.loss_region == "all" else build_dataset(cfg)
+
+
 def pretrain_unet(cfg: ExperimentConfig, first_stage: dict[str, torch.Tensor], *, resume: str | None, force: bool,
-                  unsafe_pickle: bool) -> dict[str, torch.Tensor]:
-    """Stage 2 → the whole base model's weights under SD1.5 names (``cfg`` carries the calibrated scale factor)."""
+                  unsafe_pickle: bool, parents: Provenance | None = None) -> dict[str, torch.Tensor]:
+    """Stage 2 → the whole base model's weights under SD1.5 names (``cfg`` carries the calibrated scale factor);
+    ``parents``: the records of what it starts from (init checkpoint, first stage)."""
     stage_cfg = stage_config(cfg, "unet")
     net = build_latent_diffusion(cfg.model)
     init = {k: v for k, v in _init_weights(cfg, unsafe_pickle).items() if not k.startswith(FIRST_STAGE_PREFIX)}
@@ -159,11 +195,13 @@ def pretrain_unet(cfg: ExperimentConfig, first_stage: dict[str, torch.Tensor], *
         unet_cfg = cfg.pretrain.unet
         module = LatentDiffusionModule(net, lr=c.train.lr, prompt_dropout=unet_cfg.prompt_dropout,
                                        loss_region=unet_cfg.loss_region)
-        # The masked (MedDiff-FT) losses need image-mask pairs; plain pretraining takes any images.
-        return module, build_image_dataset(c) if unet_cfg.loss_region == "all" else build_dataset(c)
+        return module, unet_dataset(c)
 
     stage_resume, stage_force = stage_run(stage_cfg, resume, force)
-    train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build)
+    parents = init_provenance(cfg) if parents is None else parents
+    provenance = None if stage_resume else stage_provenance(stage_cfg, parents, unet_dataset(stage_cfg))
+    train(stage_cfg, resume=stage_resume, force=stage_force, unsafe_pickle=unsafe_pickle, build=build,
+          provenance=provenance)
     weights = consolidated_weights(stage_cfg, "net.", unsafe_pickle=unsafe_pickle)
     with torch.device("meta"):
         expected = build_latent_diffusion(cfg.model).state_dict()
@@ -182,8 +220,10 @@ def pretrain(cfg: ExperimentConfig, out: Path, stages: tuple[str, ...], *, resum
             logger.info("stage autoencoder: already done (%s); --force redoes it", result)
         else:
             weights, scale = pretrain_autoencoder(cfg, resume=resume, force=force, unsafe_pickle=unsafe_pickle)
-            save_state_dict(weights, result, metadata=checkpoint_metadata(with_scale(cfg, scale), "first_stage"),
-                            overwrite=True)
+            stage_cfg = stage_config(cfg, "autoencoder")
+            provenance = finished_provenance(stage_cfg, init_provenance(cfg), lambda: build_image_dataset(stage_cfg))
+            save_state_dict(weights, result, metadata=checkpoint_metadata(with_scale(cfg, scale), "first_stage",
+                                                                          provenance), overwrite=True)
             logger.info("stage autoencoder: done, %s", result)
     if "unet" not in stages:
         return None
@@ -193,8 +233,14 @@ def pretrain(cfg: ExperimentConfig, out: Path, stages: tuple[str, ...], *, resum
     else:
         first_stage, scale = _first_stage_result(cfg, unsafe_pickle)
         cfg = with_scale(cfg, scale)
-        weights = pretrain_unet(cfg, first_stage, resume=resume, force=force, unsafe_pickle=unsafe_pickle)
-        save_state_dict(weights, result, metadata=checkpoint_metadata(cfg, "base"), overwrite=True)
+        # What the UNet stage starts from: the init checkpoint and, when stage 1 ran, its first stage.
+        first_file = stage_result(cfg, "autoencoder")
+        parents = init_provenance(cfg).merge(checkpoint_provenance(first_file) if first_file.is_file() else None)
+        weights = pretrain_unet(cfg, first_stage, resume=resume, force=force, unsafe_pickle=unsafe_pickle,
+                                parents=parents)
+        stage_cfg = stage_config(cfg, "unet")
+        provenance = finished_provenance(stage_cfg, parents, lambda: unet_dataset(stage_cfg))
+        save_state_dict(weights, result, metadata=checkpoint_metadata(cfg, "base", provenance), overwrite=True)
         logger.info("stage unet: done, %s", result)
     if out.resolve() != result.resolve():
         copy_file_atomic(result, out)

@@ -6,7 +6,9 @@
     python tutorial_train.py --resume runs/siamese_sd15 train.devices=4 train.total_steps=4000
 
 The config is validated (unknown keys, wrong types, inconsistent sections) before anything is built; the resolved
-config is written to ``<output_dir>/config.yaml``. Checkpoints (DeepSpeed ZeRO directories with the default
+config is written to ``<output_dir>/config.yaml``, and a new run's ``<output_dir>/provenance.json`` records what its
+weights are made from (the init checkpoint's records and every training image and mask by digest; carried on by
+the EMA export, zero_to_fp32.py and tool_merge_control.py). Checkpoints (DeepSpeed ZeRO directories with the default
 strategy) go to ``<output_dir>/checkpoints/step=N.ckpt``, each appearing only once complete, with a retention limit.
 A directory that holds another run is refused (``--force`` starts over in it). ``--resume RUN|latest|CKPT``
 continues from the newest complete checkpoint with the run's own config: run length, ranks, logging and checkpoint
@@ -46,7 +48,7 @@ from siamese.config import (
     to_yaml,
 )
 from siamese.data.datasets import MaskImageDataset
-from siamese.data.provenance import Provenance, external, read_provenance
+from siamese.data.provenance import Provenance, external
 from siamese.factory import add_adapters, build_dataset, build_model, load_weights
 from siamese.lightning import SiameseModule
 from siamese.run_dir import (
@@ -58,6 +60,7 @@ from siamese.run_dir import (
     record_segment,
     resume_config,
     resume_target,
+    run_provenance,
 )
 
 logger = logging.getLogger("siamese.train")
@@ -163,8 +166,9 @@ def validation_callback(cfg: ExperimentConfig) -> MaskValidation:
                           sampler=cfg.sample.sampler, cfg_mask=cfg.sample.cfg_mask)
 
 
-def run_provenance(cfg: ExperimentConfig, dataset: Dataset) -> Provenance:
-    """What a run's weights are made from: its init checkpoint's records and its training data's."""
+def training_provenance(cfg: ExperimentConfig, dataset: Dataset) -> Provenance:
+    """What a fresh run's weights are made from: its init checkpoint's records (``checkpoint_provenance``) and a
+    ``trained`` record of its dataset (``provenance_record``: every image and mask by digest)."""
     found = checkpoint_provenance(cfg.train.init_ckpt) if cfg.train.init_ckpt else Provenance()
     record = getattr(dataset, "provenance_record", None)
     what = f"{'ControlNet' if cfg.method.name == 'controlnet' else 'Siamese-Diffusion'} run {cfg.train.output_dir}"
@@ -172,9 +176,10 @@ def run_provenance(cfg: ExperimentConfig, dataset: Dataset) -> Provenance:
                                                             note=f"a {type(dataset).__name__} without records"))
 
 
-def _provenance_metadata(run: Path) -> Callable[[], dict[str, str]]:
+def provenance_metadata(run: Path) -> Callable[[], dict[str, str]]:
+    """The run's provenance as safetensors metadata, read when called (the EMA export, at the end of training)."""
     def metadata() -> dict[str, str]:
-        found = read_provenance(run)
+        found = run_provenance(run)
         return found.to_metadata() if found is not None else {}
     return metadata
 
@@ -196,7 +201,7 @@ def make_trainer(cfg: ExperimentConfig, *, load_universal: bool = False) -> pl.T
                            save_on_train_epoch_end=False)
     callbacks: list[pl.Callback] = [ckpt, FinalCheckpoint(checkpoint_dir(cfg), t.checkpoint_every), StepProgressBar()]
     if t.ema.enabled:
-        callbacks.append(EMACallback(t.ema.decay, out / "ema_trainable.safetensors", _provenance_metadata(out)))
+        callbacks.append(EMACallback(t.ema.decay, out / "ema_trainable.safetensors", provenance_metadata(out)))
     return pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=t.num_nodes, plugins=plugins,
                       strategy=strategy, precision=t.precision, max_steps=t.total_steps,
                       logger=make_loggers(cfg), log_every_n_steps=t.log_every, callbacks=callbacks,
@@ -215,8 +220,9 @@ def train(cfg: ExperimentConfig, *, resume: str | Path | None = None, force: boo
     it, ``train.output_dir`` must not hold another run unless ``force``. ``build(cfg) -> (module, dataset)``
     replaces the default (the ControlNet / Siamese module from the config and the training pairs): base
     pretraining runs its stages through this same trainer, checkpointing and resume. A fresh run writes
-    ``RUN/provenance.json``: ``provenance``, or its init checkpoint's records and its dataset's (``run_provenance``);
-    the EMA export, ``zero_to_fp32.py`` and ``tool_merge_control.py`` carry it on.
+    ``RUN/provenance.json``: ``provenance`` (what a ``build`` caller's module and data are made from), else its init
+    checkpoint's records and its dataset's (``training_provenance``); a resumed run keeps the file it has. The EMA
+    export, ``zero_to_fp32.py`` and ``tool_merge_control.py`` carry it on.
     """
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     # The frozen VAE and text encoder stay in eval mode on purpose.
@@ -235,7 +241,7 @@ def train(cfg: ExperimentConfig, *, resume: str | Path | None = None, force: boo
     if isinstance(dataset, MaskImageDataset):
         dataset.check_pairs()  # every pair's aspect ratio from the file headers: fail now, not an hour in
     if ckpt is None and is_first_process():
-        (provenance or run_provenance(cfg, dataset)).write(run)
+        (provenance or training_provenance(cfg, dataset)).write(run)
     if len(dataset) < cfg.train.batch_size:
         raise ConfigError(f"the dataset has {len(dataset)} pairs, fewer than train.batch_size={cfg.train.batch_size}")
     # The data order is a function of (seed, global step): a resumed run continues the interrupted epoch exactly.

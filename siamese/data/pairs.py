@@ -37,7 +37,8 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 __all__ = ["GRID_NAME", "IMAGES_DIR", "MANIFEST_NAME", "MASKS_DIR", "MaskSource", "PairWriter", "SampledPair",
-           "WorkItem", "complete_records", "link_or_copy", "read_manifest", "write_grid"]
+           "WorkItem", "complete_records", "copy_provenance", "link_or_copy", "read_manifest", "rebased_record",
+           "write_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,31 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def rebased_record(record: Mapping[str, Any], src: str | Path, out: str | Path) -> dict[str, Any]:
+    """A manifest line of the pairs folder ``src`` as a line of ``out`` (a folder derived from it): ``source`` and
+    ``background``, relative to the folder whose manifest names them, made relative to ``out``. Absolute paths (old
+    manifests) and relative ones that resolve nowhere and carry no digest are kept as they are."""
+    line = dict(record)
+    for key in ("source", "background"):
+        value = line.get(key)
+        if not value or Path(value).is_absolute():
+            continue
+        path = Path(src) / value
+        if f"{key}_digest" in line or path.exists():
+            line[key] = os.path.relpath(path.resolve(), Path(out).resolve())
+    return line
+
+
+def copy_provenance(src: str | Path, dst: str | Path) -> bool:
+    """``src/provenance.json`` copied into ``dst`` (a folder derived from the pairs of ``src``: what made them still
+    made these); False when ``src`` has none."""
+    source = Path(src) / PROVENANCE_FILE
+    if not source.is_file():
+        return False
+    shutil.copyfile(source, Path(dst) / PROVENANCE_FILE)
+    return True
 
 
 def _parse_lines(data: bytes, where: Path, records: dict[str, dict[str, Any]]) -> None:

@@ -4,7 +4,8 @@ MedDiff-FT erodes the masks of generated pairs by a few pixels so that a label l
 generated lesion. ``tutorial_inference.py --erode K`` does it while sampling (``siamese.data.pairs.PairWriter``);
 ``erode_folder`` does it afterwards: the new folder gets the same images (hard links where the file system allows,
 else copies), the eroded masks and a manifest whose lines record ``erode``, ``erode_kernel``, ``mask_eroded``
-(False: erosion would have emptied the mask, which is then kept as it is) and ``eroded_from``. The source folder is
+(False: erosion would have emptied the mask, which is then kept as it is) and ``eroded_from``, with ``source`` and
+``background`` made relative to the new folder, and the source's ``provenance.json``. The source folder is
 never modified; the new one is built complete and swapped in (``ldm.fileio.replace_dir``). A folder whose masks are
 already eroded is refused (erode its source).
 """
@@ -18,7 +19,15 @@ from ldm.fileio import replace_dir, write_text_atomic
 
 from siamese.data.images import write_png
 from siamese.data.masks import erode_mask, mask_erodes, mask_to_png, read_mask
-from siamese.data.pairs import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, complete_records, link_or_copy
+from siamese.data.pairs import (
+    IMAGES_DIR,
+    MANIFEST_NAME,
+    MASKS_DIR,
+    complete_records,
+    copy_provenance,
+    link_or_copy,
+    rebased_record,
+)
 
 __all__ = ["erode_folder"]
 
@@ -40,9 +49,10 @@ def erode_folder(src: Path, out: Path, pixels: int, kernel: str) -> dict[str, in
             changed = mask_erodes(mask01, pixels, kernel)
             write_png(tmp / record["mask"], mask_to_png(erode_mask(mask01, pixels, kernel)))
             link_or_copy(src / record["image"], tmp / record["image"])
-            lines.append(json.dumps({**record, "erode": pixels, "erode_kernel": kernel, "mask_eroded": changed,
-                                     "eroded_from": str(src)}))
+            lines.append(json.dumps({**rebased_record(record, src, out), "erode": pixels, "erode_kernel": kernel,
+                                     "mask_eroded": changed, "eroded_from": str(src)}))
             counts["pairs"] += 1
             counts["eroded" if changed else "kept"] += 1
         write_text_atomic(tmp / MANIFEST_NAME, "".join(line + "\n" for line in lines))
+        copy_provenance(src, tmp)  # eroded masks of the same pairs: made from the same models and data
     return counts

@@ -22,7 +22,7 @@ from ldm.fileio import replace_dir, write_json_atomic, write_text_atomic
 
 import numpy as np
 
-from siamese.data.pairs import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, link_or_copy
+from siamese.data.pairs import IMAGES_DIR, MANIFEST_NAME, MASKS_DIR, copy_provenance, link_or_copy, rebased_record
 from siamese.evaluation.quality import unit_rows
 
 REPORT_NAME = "filter_report.json"
@@ -95,8 +95,9 @@ def judge(synthetic: np.ndarray, real: np.ndarray, band: Band) -> list[Verdict]:
 def write_kept(src: Path, out: Path, records: Mapping[str, dict[str, Any]], verdicts: Mapping[str, Verdict],
                report: dict[str, Any]) -> Path:
     """``out`` as a pairs folder of the kept pairs of ``src`` (images and masks hard-linked where possible, else
-    copied; each kept manifest line plus its ``filter_similarity``) and ``out/filter_report.json``; built complete
-    and swapped in (``ldm.fileio.replace_dir``). ``src`` is never modified."""
+    copied; each kept manifest line plus its ``filter_similarity``, its ``source`` and ``background`` made relative
+    to ``out``), ``out/filter_report.json`` and ``src``'s ``provenance.json``; built complete and swapped in
+    (``ldm.fileio.replace_dir``). ``src`` is never modified."""
     with replace_dir(out) as tmp:
         (tmp / IMAGES_DIR).mkdir()
         (tmp / MASKS_DIR).mkdir()
@@ -106,8 +107,9 @@ def write_kept(src: Path, out: Path, records: Mapping[str, dict[str, Any]], verd
                 continue
             link_or_copy(src / record["image"], tmp / record["image"])
             link_or_copy(src / record["mask"], tmp / record["mask"])
-            lines.append(json.dumps({**record, "filter_similarity": verdicts[name].similarity,
+            lines.append(json.dumps({**rebased_record(record, src, out), "filter_similarity": verdicts[name].similarity,
                                      "filtered_from": str(src)}))
         write_text_atomic(tmp / MANIFEST_NAME, "".join(line + "\n" for line in lines))
         write_json_atomic(tmp / REPORT_NAME, report, indent=1)
+        copy_provenance(src, tmp)  # a subset of the same pairs: made from the same models and data
     return out

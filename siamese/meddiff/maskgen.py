@@ -37,6 +37,7 @@ from cldm.lightning import StepLoss, TrainModule
 from siamese.config import ExperimentConfig
 from siamese.config.maskgen import PREDICTIONS, MaskGenConfig
 from siamese.data.masks import read_mask, resize_mask
+from siamese.data.provenance import Record, dataset_record
 from siamese.data.synthetic import synthetic_pair
 from siamese.evaluation.metrics import iou_matrix
 from siamese.sampling import collect_masks
@@ -119,10 +120,24 @@ def training_masks(cfg: ExperimentConfig) -> list[np.ndarray]:
     if cfg.data.root is None:
         return [resize_mask(synthetic_pair(i, cfg.data.resolution, seed=cfg.train.seed)[1], size)
                 for i in range(cfg.data.synthetic_samples)]
-    root = Path(cfg.data.root)
-    if root.is_dir() and (root / "prompt.json").is_file():
-        root = root / "prompt.json"
-    return folder_masks(root, size, cfg.data.mask_threshold)
+    return folder_masks(_masks_root(cfg.data.root), size, cfg.data.mask_threshold)
+
+
+def _masks_root(root: str | Path) -> Path:
+    """``data.root`` as ``collect_masks`` takes it: its prompt.json when it has one, else the folder of masks."""
+    root = Path(root)
+    return root / "prompt.json" if root.is_dir() and (root / "prompt.json").is_file() else root
+
+
+def training_masks_record(cfg: ExperimentConfig, what: str) -> Record:
+    """What the generator learns (the masks of ``training_masks``) as a ``trained`` provenance record: every mask
+    file by digest, or a note for the generated lesions (no file of the user's)."""
+    if cfg.data.root is None:
+        return Record("trained", what, note=f"procedural lesion masks: {cfg.data.synthetic_samples} "
+                                            f"(seed {cfg.train.seed})")
+    root = _masks_root(cfg.data.root)
+    sources = collect_masks(root, default_prompt="")
+    return dataset_record(what, root.parent if root.is_file() else root, masks=[src.path for src in sources])
 
 
 class MaskDataset(Dataset):

@@ -11,7 +11,9 @@ feathered edge, so pixels away from the lesion are the real ones, exactly (the V
 Each item's noise comes from its own seed, SHA-256 of (seed, name): the same repair whatever batch computes it (up
 to float rounding of batched kernels). The output folder (``write_repairs``) is a background library:
 ``images/`` (``tutorial_inference.py --background OUT`` takes the folder), ``regions/`` (what was regenerated),
-``manifest.jsonl`` and ``grid.png`` (real | region | repaired).
+``manifest.jsonl``, ``grid.png`` (real | region | repaired) and ``provenance.json`` (``repair_provenance``: the
+repaired real images by digest, as ``content``, and the records of the dataset and the generator), which pairs
+sampled on these backgrounds inherit.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from siamese.data.images import read_image_rgb, resize_image, write_png
 from siamese.data.layout import read_prompt_jsonl
 from siamese.data.masks import mask_to_png, read_mask, resize_mask
 from siamese.data.pairs import IMAGES_DIR, MANIFEST_NAME
+from siamese.data.provenance import Provenance, dataset_record, read_provenance
 
 REGIONS_DIR = "regions"
 GRID_NAME = "grid.png"
@@ -75,6 +78,18 @@ def repair_items(dataset: str | Path, *, prompt: str, seed: int = 0, limit: int 
         name = stem if stems.count(stem) == 1 else f"{stem}_{line:06d}"
         items.append(RepairItem(name, record.target, record.source, prompt, repair_seed(seed, name)))
     return items[:limit] if limit is not None else items
+
+
+def repair_provenance(items: Sequence[RepairItem], dataset: str | Path,
+                      parents: Provenance | None = None) -> Provenance:
+    """What a background library is made from: a ``content`` record of the real images (and their masks) it repairs,
+    by digest, then the dataset folder's own ``provenance.json`` if it has one, then ``parents`` (the non-lesion
+    generator's records)."""
+    path = Path(dataset)
+    folder = path if path.is_dir() else path.parent
+    record = dataset_record(f"backgrounds repaired from {folder}", folder, [item.image for item in items],
+                            [item.mask for item in items], role="content")
+    return Provenance((record,)).merge(read_provenance(folder), parents)
 
 
 def dilate_region(mask01: np.ndarray, pixels: int) -> np.ndarray:
@@ -146,12 +161,16 @@ def _grid(results: Sequence[Repaired], cell: int) -> np.ndarray:
     return np.concatenate(rows, 0)
 
 
-def write_repairs(results: Iterator[Repaired], out: Path, run_info: dict, *, grid: int = 8) -> int:
+def write_repairs(results: Iterator[Repaired], out: Path, run_info: dict, *, grid: int = 8,
+                  provenance: Provenance | None = None) -> int:
     """Write a background library into ``out`` (built complete in a temporary folder, then swapped in:
-    ``ldm.fileio.replace_dir``); returns the count."""
+    ``ldm.fileio.replace_dir``), with ``provenance`` as ``out/provenance.json`` (``repair_provenance``); returns the
+    count."""
     with replace_dir(out) as tmp:
         (tmp / IMAGES_DIR).mkdir()
         (tmp / REGIONS_DIR).mkdir()
+        if provenance is not None:
+            provenance.write(tmp)
         shown: list[Repaired] = []
         count = _write_all(results, tmp, run_info, shown, grid)
         if shown:
