@@ -6,7 +6,8 @@
 ``control_model.*`` is copied from the UNet encoder and middle block (``model.diffusion_model.*``); the hint encoder
 (HI or DHI, per the config) is initialised from ``--seed`` and the zero convolutions are exactly zero; all base
 weights are carried over (``model_ema.*`` is ignored). Output: safetensors unless the name ends in
-.ckpt/.pt/.pth, written atomically, carrying the config in its metadata.
+.ckpt/.pt/.pth, written atomically, carrying the config in its metadata and the base's provenance
+(``siamese.provenance``; an SD1.5 release has none: one ``external`` record naming it).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ BASE is a full checkpoint under the original key names (the output of tool_add_c
 ControlNet checkpoint); TRAINED is the output of zero_to_fp32.py, an EMA export (``ema_trainable.safetensors``) or
 a file written by ``--only-trainable``. Every trained key must exist in the base with the same shape. The merged
 file is checked to load strictly into the model of the config (``--config``, else the one the trained or base file
-carries in its metadata) and carries that config in its metadata, so tutorial_inference.py needs no --config.
+carries in its metadata) and carries that config in its metadata, so tutorial_inference.py needs no --config, and
+the union of both files' provenance (``siamese.provenance``: what the base and the training run were made from).
 ``--only-trainable`` writes just the trainable set (ControlNet with its hint encoder, plus the UNet decoder unless
 ``method.sd_locked``) for sharing; merge it onto SD1.5 + control again with this tool. LoRA adapters of a
 ``method.lora`` run (``X.lora_A.weight`` / ``X.lora_B.weight``) are folded into ``X.weight`` (``W₀ + (α/r)·B·A``):

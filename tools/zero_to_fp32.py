@@ -9,8 +9,10 @@ checkpoint (strategy ddp/auto). The output holds every parameter and buffer, tra
 under the original key names (``model.diffusion_model.*``, ``control_model.*``, ...), ready for
 ``tool_merge_control.py`` or loading directly; the LoRA adapters of a ``method.lora`` run come out as
 ``X.lora_A.weight`` / ``X.lora_B.weight`` beside ``X.weight`` (the merge folds them in). The run's
-``config.yaml`` (or ``--config``) is used to check the keys strictly and is stored in the output's metadata. The
-ZeRO files are pickles: each is vetted for foreign Python objects before DeepSpeed's reader opens it.
+``config.yaml`` (or ``--config``) is used to check the keys strictly and is stored in the output's metadata, with the
+run's provenance (``siamese.provenance``: ``RUN/provenance.json``, found by walking up from CKPT; a checkpoint
+outside a run gets an ``external`` record naming it). The ZeRO files are pickles: each is vetted for foreign Python
+objects before DeepSpeed's reader opens it.
 """
 
 from __future__ import annotations
