@@ -259,3 +259,18 @@ def test_near_duplicates_find_a_re_encoded_test_image_and_no_distinct_one(data, 
     cv2.imwrite(str(copy), cv2.resize(image, (48, 48), interpolation=cv2.INTER_CUBIC), [cv2.IMWRITE_JPEG_QUALITY, 70])
     found = near_duplicates([*train, Pair("renamed", copy, train[0].mask)], test)
     assert [(a, b) for a, b, _ in found] == [("renamed", test[1].name)] and found[0][2] > 0.95
+
+
+def test_two_runs_of_one_basename_get_their_own_fidelity_file_fid_and_kid(data, tmp_path):
+    split, synth = data
+    other = _sampling_run(tmp_path / "controlnet" / "synth", split.parent / "real", seed=9,
+                          trained_on=split / "train")
+    out = tmp_path / "eval"
+    assert evaluate_tool.main(["--real", str(split), "--synthetic", str(synth), "--synthetic", str(other), "--out",
+                               str(out), "--no-benchmark", "--features", "tiny", *QUICK]) == 0
+    assert len(list((out / "fidelity").glob("*.jsonl"))) == 2  # not one overwriting the other
+    runs = json.loads((out / "report.json").read_text())["quality"]["per_run"]
+    assert set(runs) == {str(synth), str(other)} and "fid" not in json.loads((out / "report.json").read_text())
+    for run in runs.values():
+        assert run["fid"] >= 0 and run["kid_subset"] == 8 and run["kid_std"] > 0  # subsets of half the 16 images
+    assert (out / "report.md").read_text().count("| 16 |") == 2

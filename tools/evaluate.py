@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -75,13 +76,22 @@ def _fidelity(args: argparse.Namespace, cfg, out: Path, inputs) -> dict:
         scores = score_pairs(folder, segment)
         lines = [json.dumps({"name": s.name, "dice": round(s.dice, 5), "mask_area": round(s.mask_area, 5)})
                  for s in scores]
-        target = out / "fidelity" / f"{folder.name}.jsonl"
+        target = out / "fidelity" / f"{run_label(folder, args.synthetic)}.jsonl"
         write_text_atomic(target, "\n".join(lines) + "\n")
         dice = np.array([s.dice for s in scores])
         results[str(folder)] = {"pairs": len(scores), "dice_mean": float(dice.mean()), "dice_std": float(dice.std()),
                                 "dice_median": float(np.median(dice)), "share_ge_0.7": float((dice >= 0.7).mean()),
                                 "per_pair": str(target)}
     return results
+
+
+def run_label(folder: Path, folders: list[Path]) -> str:
+    """A file name unique among ``folders``: the folder's path below their common parent, ``/`` as ``__``
+    (``synth/siamese/real`` and ``synth/controlnet/real`` → ``siamese__real``, ``controlnet__real``)."""
+    resolved = [Path(f).resolve() for f in folders]
+    single = Path(folder).resolve().parent
+    common = Path(os.path.commonpath([str(f) for f in resolved])) if len(resolved) > 1 else single
+    return "__".join(Path(folder).resolve().relative_to(common).parts) or Path(folder).name
 
 
 def _extractor(args: argparse.Namespace):
@@ -98,12 +108,20 @@ def _quality(args: argparse.Namespace, out: Path, split_train: list[Path], extra
     result: dict = {"feature_extractor": None if extractor is None else (args.features or "inception")}
     synth_paths = [r.path for r in runs]
     if extractor is not None:
-        real_n, synth_n = equal_count(split_train, synth_paths, args.fid_count)
-        real_f = extractor.features(real_n, progress=not args.no_progress)
-        synth_f = extractor.features(synth_n, progress=not args.no_progress)
-        kid = quality.kernel_inception_distance(real_f, synth_f, subsets=100, subset_size=min(1000, len(real_n)))
-        result.update({"fid": quality.frechet_distance(real_f, synth_f), "kid_mean": kid.mean, "kid_std": kid.std,
-                       "fid_images": len(real_n)})
+        # One FID/KID per synthetic folder (pooled folders would mostly measure the first one), each against an equal
+        # number of real training images; KID on subsets of half the images, so its ± reflects the sampling.
+        result["per_run"] = {}
+        for folder in args.synthetic:
+            paths = [r.path for r in read_run_images(folder)]
+            real_n, synth_n = equal_count(split_train, paths, args.fid_count or min(len(split_train), len(paths)))
+            real_f = extractor.features(real_n, progress=not args.no_progress)
+            synth_f = extractor.features(synth_n, progress=not args.no_progress)
+            subset = min(1000, max(2, len(real_n) // 2))
+            kid = quality.kernel_inception_distance(real_f, synth_f, subsets=100, subset_size=subset)
+            result["per_run"][str(folder)] = {"fid": quality.frechet_distance(real_f, synth_f), "kid_mean": kid.mean,
+                                              "kid_std": kid.std, "kid_subset": subset, "fid_images": len(real_n)}
+        if len(args.synthetic) == 1:
+            result.update(result["per_run"][str(args.synthetic[0])])
         all_synth_f = extractor.features(synth_paths, progress=not args.no_progress)
         train_f = extractor.features(split_train, progress=not args.no_progress)
     else:
@@ -141,9 +159,13 @@ def _report(args: argparse.Namespace, result: dict, out: Path, inputs) -> None:
                      f"{f['dice_median']:.3f} | {100 * f['share_ge_0.7']:.0f} % |")
     q = result["quality"]
     lines += ["", "## Image quality, diversity, memorisation", ""]
-    if "fid" in q:
-        lines.append(f"FID {q['fid']:.2f}, KID {q['kid_mean']:.4f} ± {q['kid_std']:.4f} ({q['fid_images']} real vs "
-                     f"{q['fid_images']} synthetic images, features: {q['feature_extractor']}).")
+    if "per_run" in q:
+        lines += [f"FID and KID per synthetic run against the real training images (features: "
+                  f"{q['feature_extractor']}; KID ± over 100 subsets):", "",
+                  "| synthetic run | images per side | FID | KID ± std (subset size) |", "|---|---|---|---|"]
+        lines += [f"| `{name}` | {r['fid_images']} | {r['fid']:.2f} | {r['kid_mean']:.4f} ± {r['kid_std']:.4f} "
+                  f"({r['kid_subset']}) |" for name, r in q["per_run"].items()]
+        lines.append("")
     else:
         lines.append(f"FID/KID skipped: {q['skipped']}.")
     d = q["diversity"]
