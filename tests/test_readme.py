@@ -32,8 +32,8 @@ def workflow_commands() -> list[str]:
 
 def test_readme_tiny_workflow_runs_as_written(tmp_path):
     commands = workflow_commands()
-    assert [c.split()[1] for c in commands] == ["-m", "-m", "tool_add_control.py", "tutorial_train.py", "zero_to_fp32.py",
-                                                "tool_merge_control.py", "tutorial_inference.py"]
+    assert [c.split()[1] for c in commands] == ["-m", "-m", "tool_add_control.py", "tutorial_train.py",
+                                                "zero_to_fp32.py", "tool_merge_control.py", "tutorial_inference.py"]
     (tmp_path / "configs").symlink_to(REPO / "configs")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "pretrained").symlink_to(REPO / "data" / "pretrained")  # the shipped tiny base
