@@ -324,3 +324,15 @@ def test_cli_different_sizes_fail_unless_resized(folders, caplog):
     assert len(errors) == 1 and "\n" not in errors[0]
     assert "a_pred.png is 16×16" in errors[0] and "is 32×32" in errors[0] and "--resize" in errors[0]
     assert score_masks.main([str(pred), str(gt), "--pred-suffix", "_pred", "--resize"]) == 0
+
+
+def test_threshold_and_sweep_score_0_1_label_predictions_as_masks(folders, tmp_path):
+    """A 0/1 label PNG is a mask: --threshold and --sweep must score it as the 0/255 one, not as an empty map."""
+    pred, gt = folders
+    lesion = _square((32, 32), 8, 8, 10)
+    _write(pred / "a_pred.png", lesion)  # the identical prediction, now stored as 0/1
+    for extra in (["--threshold", "0.5"], ["--sweep"]):
+        out = tmp_path / f"{extra[0][2:]}.csv"
+        assert score_masks.main([str(pred), str(gt), "--pred-suffix", "_pred", *extra, "--out", str(out)]) == 0
+        rows = {r["name"]: r for r in csv.DictReader(out.open(newline=""))}
+        assert float(rows["a"]["dice"]) == 1.0 and float(rows["b"]["dice"]) == pytest.approx(2 * 50 / 150)

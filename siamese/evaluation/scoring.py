@@ -66,6 +66,14 @@ def is_binary_prediction(gray: np.ndarray) -> bool:
     return values.size == 1 or (values.size == 2 and values[0] == 0)
 
 
+def is_mask_levels(gray: np.ndarray) -> bool:
+    """True for a mask stored as 0/1 labels or 0/max (8 or 16 bit): a threshold on probabilities does not apply (a
+    0/1 label image read as a probability map would be 1/255 everywhere, i.e. empty at every threshold)."""
+    values = np.unique(gray)
+    top = np.iinfo(gray.dtype).max
+    return bool(np.isin(values, (0, 1)).all() or np.isin(values, (0, top)).all())
+
+
 def _resize_to(gray: np.ndarray, shape: tuple[int, int], binary: bool) -> np.ndarray:
     """Nearest for binary masks (stays binary); area when shrinking probability maps (averages), else linear."""
     height, width = shape
@@ -88,13 +96,14 @@ def score_prediction(pred_path: str | Path, gt_path: str | Path, threshold: Thre
 
     ``threshold=None``: the prediction must be binary (0 and one other value; foreground = non-zero), else
     ValueError. A float or a sequence of floats: a probability map binarised at ``> threshold`` (a sequence is
-    averaged, see :func:`probability_scores`). ``resize``: a prediction of another size is resized to the ground
+    averaged, see :func:`probability_scores`); a prediction that is already a mask (0/1 or 0/max) is scored as one
+    at any threshold. ``resize``: a prediction of another size is resized to the ground
     truth's (nearest for binary masks, area/linear for probability maps) instead of raising ValueError.
     """
     pred_path, gt_path = Path(pred_path), Path(gt_path)
     target = read_mask(gt_path)
     gray = read_prediction_gray(pred_path)
-    binary = threshold is None
+    binary = threshold is None or is_mask_levels(gray)
     if binary and not is_binary_prediction(gray):
         values = np.unique(gray)
         raise ValueError(f"prediction {pred_path} is not binary ({values.size} gray levels, "
