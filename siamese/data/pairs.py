@@ -153,7 +153,8 @@ def _same(a: Any, b: Any) -> bool:
 
 # Settings added to the run info after manifests were first written: a manifest line without one was made with
 # its value here (DDIM before the solvers existed), so resuming such an OUT with the defaults is not refused.
-RUN_INFO_DEFAULTS = {"sampler": "ddim", "cfg_mask": None, "erode": 0, "erode_kernel": "ellipse", "backgrounds": None}
+RUN_INFO_DEFAULTS = {"sampler": "ddim", "cfg_mask": None, "erode": 0, "erode_kernel": "ellipse", "backgrounds": None,
+                    "region": "max-pool"}
 
 
 class PairWriter:
