@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from ldm.autoencoder import AutoencoderKL, IdentityFirstStage
 from ldm.model import SD15_TEXT_PREFIX, LatentDiffusion
+from ldm.regions import DEFAULT_REGION, RegionSpec
 from ldm.sampler import Generators
 from ldm.schedule import Schedule
 from ldm.text_encoder import FrozenCLIPTextEncoder
@@ -77,7 +78,7 @@ class ControlLDM(LatentDiffusion):
                eta: float = 0.0, generator: Generators = None, x_T: Tensor | None = None,
                batched_cfg: bool = True, progress: bool = False, context: Tensor | None = None,
                uncond_context: Tensor | None = None, sampler: str = "ddim", cfg_mask: float | None = None,
-               background: Tensor | None = None) -> Tensor:
+               background: Tensor | None = None, region: str | RegionSpec = DEFAULT_REGION) -> Tensor:
         """Mask-conditioned sampling (``sampler``: ddim, dpmpp_2m or unipc) → images in [-1, 1]
         (``LatentDiffusion.sample`` with a hint first).
 
@@ -89,8 +90,8 @@ class ControlLDM(LatentDiffusion):
         ``uncond_context`` are text contexts already encoded (of ``prompts`` / of ""), e.g. cached by a caller that
         samples many batches with few prompts. ``background`` (images in [-1, 1], the hint's size): generate only
         inside the mask and keep the background outside it (MedDiff-FT eq. 2, ``ldm.sampler.background_denoiser``);
-        the background is encoded with the posterior mean, and a latent pixel is generated when any of its image
-        pixels lies in the mask.
+        the background is encoded with the posterior mean, and ``region`` chooses the latent cells generated
+        (``ldm.regions``; default ``max-pool``: a cell any of whose image pixels lies in the mask).
         """
         hint = hint.to(self.betas.device, self.unet.dtype)  # the networks' dtype (bf16 when DeepSpeed cast them)
         b, _, h, w = hint.shape
@@ -106,7 +107,8 @@ class ControlLDM(LatentDiffusion):
         if background is not None:
             if tuple(background.shape) != (b, 3, h, w):
                 raise ValueError(f"background is {tuple(background.shape)}, expected {(b, 3, h, w)} (the hint's size)")
-            keep = self.background_condition(background.to(hint.device, hint.dtype), hint[:, :1], shape[-2:])
+            keep = self.background_condition(background.to(hint.device, hint.dtype), hint[:, :1], shape[-2:],
+                                             region)
         z = self.sample_latents(cond, uncond, shape, steps=steps, cfg_scale=cfg_scale, eta=eta, generator=generator,
                                 x_T=x_T, batched_cfg=batched_cfg, progress=progress, sampler=sampler,
                                 uncond_all=uncond_all, scale_all=cfg_mask, background=keep)

@@ -17,7 +17,15 @@ from collections.abc import Sequence
 
 from ldm import solvers
 from ldm.autoencoder import AutoencoderKL, IdentityFirstStage
-from ldm.sampler import Generators, background_denoiser, cfg_denoiser, dual_cfg_denoiser
+from ldm.regions import DEFAULT_REGION, RegionSpec, latent_region
+from ldm.sampler import (
+    Generators,
+    background_denoiser,
+    background_start,
+    cfg_denoiser,
+    dual_cfg_denoiser,
+    initial_latent,
+)
 from ldm.schedule import BUFFER_NAMES, Schedule
 from ldm.text_encoder import FrozenCLIPTextEncoder, open_clip_to_sd15, sd15_to_open_clip
 from ldm.unet import UNetModel
@@ -122,13 +130,19 @@ class LatentDiffusion(nn.Module):
         unconditional ``cond``). With ``scale_all`` set, two-condition guidance (``dual_cfg_denoiser``) instead:
         ``uncond_all`` is the fully unconditional input, ``scale_all`` the scale from it to ``uncond``.
         ``background = (z_bg, region)``: generate inside ``region`` only and keep the latent ``z_bg`` outside it
-        (``background_denoiser``; the returned latent is ``z_bg`` exactly outside the region)."""
+        (``background_denoiser``; the returned latent is ``z_bg`` exactly outside the region). The start is then
+        ``background_start``: ``x_T`` (or the noise drawn from ``generator``) inside the region, and outside it
+        ``z_bg`` noised with that same noise to the sampler's first timestep (``solvers.first_timestep``), so the
+        outside follows ``√ᾱ_t z_bg + √(1 − ᾱ_t) n`` (MedDiff-FT eq. 2, one noise draw) from the first step on."""
         if scale_all is None:
             denoise = cfg_denoiser(self.denoise, uncond, cfg_scale, batched=batched_cfg)
         else:
             denoise = dual_cfg_denoiser(self.denoise, uncond, uncond_all, cfg_scale, scale_all, batched=batched_cfg)
         if background is not None:
             denoise = background_denoiser(denoise, background[0], background[1], self.alphas_cumprod)
+            noise = initial_latent(shape, generator, x_T, self.betas.device, self.unet.dtype, sampler)
+            t0 = solvers.first_timestep(sampler, self.schedule, steps)
+            x_T = background_start(noise, background[0], background[1], self.alphas_cumprod, t0)
         z = solvers.sample(sampler, denoise, shape, cond, self.schedule, steps=steps, eta=eta, generator=generator,
                            x_T=x_T, device=self.betas.device, dtype=self.unet.dtype, progress=progress)
         if background is not None:  # the last step ends at t = 0, not at the clean latent: keep z_bg exactly
@@ -136,29 +150,30 @@ class LatentDiffusion(nn.Module):
         return z
 
     @torch.no_grad()
-    def background_condition(self, background: Tensor, mask: Tensor, latent_size: Sequence[int]
-                             ) -> tuple[Tensor, Tensor]:
+    def background_condition(self, background: Tensor, mask: Tensor, latent_size: Sequence[int],
+                             region: str | RegionSpec = DEFAULT_REGION) -> tuple[Tensor, Tensor]:
         """``(z_bg, region)`` for ``sample_latents(background=…)`` from background images in [-1, 1] and a mask in
-        [0, 1] of the same size (B × 1 × H × W): the background encoded with the posterior mean; a latent pixel is
-        generated when any of its image pixels lies in the mask."""
+        [0, 1] of the same size (B × 1 × H × W): the background encoded with the posterior mean; the latent cells to
+        generate are chosen by ``region`` (``ldm.regions``: ``max-pool``, any of a cell's pixels in the mask, is the
+        default; ``area:F``, ``dilate:N``)."""
         if background.shape[0] != mask.shape[0] or tuple(background.shape[-2:]) != tuple(mask.shape[-2:]):
             raise ValueError(f"background is {tuple(background.shape)}, its mask {tuple(mask.shape)}: the batch and "
                              "the image size must match")
         z_bg = self.first_stage_model.encode_to_latent(background, mode=True)
-        region = torch.nn.functional.adaptive_max_pool2d(mask[:, :1].float(), tuple(latent_size)) > 0.5
-        return z_bg, region
+        return z_bg, latent_region(mask, latent_size, region)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], size: int | tuple[int, int], *, steps: int = 50, cfg_scale: float = 9.0,
                eta: float = 0.0, generator: Generators = None, x_T: Tensor | None = None, batched_cfg: bool = True,
                progress: bool = False, sampler: str = "ddim", background: Tensor | None = None,
-               mask: Tensor | None = None) -> Tensor:
+               mask: Tensor | None = None, region: str | RegionSpec = DEFAULT_REGION) -> Tensor:
         """Text-conditioned sampling (``sampler``: ddim, dpmpp_2m or unipc) of images of ``size`` pixels → images in
         [-1, 1].
 
         Guidance: ``ε = ε(z, "") + s · (ε(z, τ) − ε(z, ""))`` (Ho & Salimans 2022), as SD1.5 samples. With
         ``background`` and ``mask`` (B × 1 × H × W in [0, 1]): generate inside the mask only and keep the background
-        outside it (MedDiff-FT eq. 2 with a fine-tuned base, ``ldm.sampler.background_denoiser``).
+        outside it (MedDiff-FT eq. 2 with a fine-tuned base, ``ldm.sampler.background_denoiser``); ``region``
+        chooses the latent cells generated (``ldm.regions``).
         """
         height, width = (size, size) if isinstance(size, int) else size
         f = self.latent_factor
@@ -175,7 +190,7 @@ class LatentDiffusion(nn.Module):
             if tuple(background.shape[-2:]) != (height, width):
                 raise ValueError(f"background is {tuple(background.shape[-2:])}, the sample size {(height, width)}")
             device = self.betas.device
-            keep = self.background_condition(background.to(device, dtype), mask.to(device), shape[-2:])
+            keep = self.background_condition(background.to(device, dtype), mask.to(device), shape[-2:], region)
         z = self.sample_latents(cond, uncond, shape, steps=steps, cfg_scale=cfg_scale, eta=eta, generator=generator,
                                 x_T=x_T, batched_cfg=batched_cfg, progress=progress, sampler=sampler, background=keep)
         return self.decode_latents(z)

@@ -126,6 +126,24 @@ def background_denoiser(fn: DenoiseFn, background: Tensor, region: Tensor, alpha
     return denoise_background
 
 
+def background_start(noise: Tensor, background: Tensor, region: Tensor, alphas_cumprod: Tensor, t0: int) -> Tensor:
+    """The initial latent of background-preserving sampling: ``noise`` n inside ``region`` (1), and outside it the
+    background noised to the sampler's first evaluated timestep ``t0``, ``√ᾱ_{t0} z_bg + √(1 − ᾱ_{t0}) n``.
+
+    ``background_denoiser`` keeps the outside on ``√ᾱ_t z_bg + √(1 − ᾱ_t) n'`` with the noise n' that the starting
+    latent implies at ``t0``. Started from pure noise, n' = (n − √ᾱ_{t0} z_bg) / √(1 − ᾱ_{t0}) ≈ n − 0.076 z_bg at
+    t0 = 981 of SD1.5's schedule: the background the network sees would carry −0.076 z_bg of extra "noise" at every
+    step. Started here, n' = n: the outside is exactly the forward process q(x_t | z_bg) of MedDiff-FT's eq. 2 with one
+    noise draw, from the first step on. ``t0`` comes from ``ldm.solvers.first_timestep`` (the step the start is read
+    at differs between DDIM and the solvers). Computed in float32 (float64 if ``noise`` is), returned in its dtype.
+    """
+    work = torch.float64 if noise.dtype == torch.float64 else torch.float32
+    a = alphas_cumprod[int(t0)].to(device=noise.device, dtype=work)
+    n = noise.to(work)
+    outside = a.sqrt() * background.to(device=noise.device, dtype=work) + (1.0 - a).sqrt() * n
+    return torch.where(region.to(noise.device).bool(), n, outside).to(noise.dtype)
+
+
 def clipped_denoiser(fn: DenoiseFn, alphas_cumprod: Tensor, low: float = -1.0, high: float = 1.0) -> DenoiseFn:
     """The data prediction clipped to ``[low, high]``, as pixel-space DDPM samples (Ho et al. 2020, the
     ``clip_denoised`` of their sampler): returns the ε whose ``x̂0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t`` is the clipped one,

@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ldm.sampler import DenoiseFn, Generators, ddim_sample, initial_latent
-from ldm.schedule import Schedule
+from ldm.schedule import Schedule, ddim_timesteps
 
 import torch
 from torch import Tensor
@@ -203,6 +203,26 @@ def unipc_sample(denoise: DenoiseFn, shape: Sequence[int], cond: Any, schedule: 
         if callback is not None:
             callback(i, grid.t[i], x.to(dtype))
     return x.to(dtype)
+
+
+def sampler_timesteps(sampler: str, schedule: Schedule, steps: int) -> Tensor:
+    """The timesteps at which ``sampler`` evaluates the network for ``steps``, high to low (LongTensor).
+
+    DDIM: its uniform leading grid (``ldm.schedule.ddim_timesteps``, 981, 961, …, 1 for 50 of T = 1000); the solvers:
+    the uniform-λ grid of ``solver_timesteps`` (T − 1 first). The first entry is the step whose ᾱ the initial latent
+    is read at: a start meant to lie on a noisy trajectory (``ldm.sampler.background_start``) needs exactly it.
+    """
+    if sampler == "ddim":
+        return ddim_timesteps(steps, schedule.num_timesteps).flip(0)
+    if sampler in _SAMPLE_FNS:
+        return solver_timesteps(schedule, steps)
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}")
+
+
+def first_timestep(sampler: str, schedule: Schedule, steps: int) -> int:
+    """The first timestep ``sampler`` evaluates for ``steps`` (``sampler_timesteps(…)[0]``): 981 for DDIM with 50
+    steps of T = 1000, T − 1 for dpmpp_2m and unipc."""
+    return int(sampler_timesteps(sampler, schedule, steps)[0])
 
 
 _SAMPLE_FNS = {"ddim": ddim_sample, "dpmpp_2m": dpmpp_2m_sample, "unipc": unipc_sample}
