@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
+from ldm.regions import DEFAULT_REGION, parse_region
 from ldm.solvers import SAMPLERS
 
 import cv2
@@ -260,7 +261,7 @@ def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int
                  cfg_scale: float = 9.0, eta: float = 0.0, batch_size: int = 4, mask_mode: str = "real",
                  augment: MaskAugment | None = None, precision: str = "fp32", batched_cfg: bool = True,
                  pad: bool = True, sampler: str = "ddim", cfg_mask: float | None = None,
-                 backgrounds: Sequence[Path] | None = None) -> Iterator[SampledPair]:
+                 backgrounds: Sequence[Path] | None = None, region: str = DEFAULT_REGION) -> Iterator[SampledPair]:
     """Generate one image per work item with the mask branch; yields pairs in item order, batch by batch.
 
     ``model`` is a loaded ``ControlLDM`` on its device (``model.eval()``), or a base ``LatentDiffusion`` (then
@@ -270,7 +271,8 @@ def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int
     ``ControlLDM.sample``); 1 = the conditional branch only; ``cfg_mask`` adds separate guidance of the mask
     (``ControlLDM.sample``); ``sampler`` is one of
     ``ldm.solvers.SAMPLERS``; ``backgrounds``: background-preserving generation, each item's image generated inside
-    its mask on a background drawn by its seed (``item_background``) and kept outside it. Each pair's noise comes
+    its mask on a background drawn by its seed (``item_background``) and kept outside it, ``region`` choosing the
+    latent cells generated (``ldm.regions``; it acts only with backgrounds). Each pair's noise comes
     from ``torch.Generator().manual_seed(item.seed)`` (drawn on CPU in float32, then moved), text contexts are
     encoded per prompt (and cached), and rows of a batch never interact.
     Batched kernels still round differently at other batch sizes and row positions, so a file is bit-identical for
@@ -289,6 +291,7 @@ def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}")
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask mode {mask_mode!r} is not one of {list(MASK_MODES)}")
+    region = str(parse_region(region))  # a bad spec is refused before any work
     if not isinstance(model, ControlLDM) and (not backgrounds or cfg_mask is not None):
         raise ValueError("a base model without a ControlNet samples pairs only with backgrounds (and no cfg_mask)")
     device = next(model.parameters()).device
@@ -311,10 +314,10 @@ def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int
                 images = model.sample(hints, prompts, steps=steps, cfg_scale=cfg_scale, eta=eta, generator=generators,
                                       batched_cfg=batched_cfg, context=contexts(prompts),
                                       uncond_context=contexts([""] * len(prompts)) if unconditional else None,
-                                      sampler=sampler, cfg_mask=cfg_mask, background=bg)
+                                      sampler=sampler, cfg_mask=cfg_mask, background=bg, region=region)
             else:  # a base model (no ControlNet): the mask acts through the background only
                 images = model.sample(prompts, hint_size, steps=steps, cfg_scale=cfg_scale, eta=eta,
                                       generator=generators, batched_cfg=batched_cfg, sampler=sampler, background=bg,
-                                      mask=hints[:, :1])
+                                      mask=hints[:, :1], region=region)
         for i, (item, mask01, rgb) in enumerate(zip(batch, masks, _to_uint8(images))):
             yield SampledPair(item, rgb, resize_mask(mask01, rgb.shape[:2]), mask01, bg_paths[i] if bg_paths else None)

@@ -24,11 +24,13 @@ from pathlib import Path
 
 from ldm.checkpoint import CheckpointKeyError, read_metadata
 from ldm.fileio import file_sha256
+from ldm.regions import DEFAULT_REGION, REGION_HELP, parse_region
 from ldm.solvers import SAMPLERS
 
 import torch
 from tqdm.auto import tqdm
 
+from cldm.hint import HINT_DOWNSAMPLE
 from siamese.config import (
     METADATA_CONFIG,
     METADATA_KIND,
@@ -138,6 +140,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         raise ValueError(f"need --erode >= 0 pixels, got {args.erode}")
     if cfg_mask is not None and cfg_mask < 0:
         raise ValueError(f"need --cfg-mask >= 0 (or none), got {cfg_mask}")
+    if args.region is not None and not args.background:
+        raise ValueError(f"--region {args.region} chooses what background-preserving generation regenerates: it "
+                         "acts only with --background DIR")
+    region = str(parse_region(args.region if args.region is not None else DEFAULT_REGION))
     device = torch.device(args.device) if args.device else default_device()
     autocast_context(device, args.precision)  # refuse an unsupported precision before any work
     augment = MaskAugment(flip_p=args.flip_p, vflip_p=args.vflip_p, scale_range=tuple(args.scale_range),
@@ -150,12 +156,15 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     items = shard_items(every, *shard, batch_size=args.batch_size)
     run_info = {"base_seed": args.seed, "steps": steps, "cfg": float(cfg_scale), "eta": float(eta), "sampler": sampler,
                 "cfg_mask": None if cfg_mask is None else float(cfg_mask), "erode": args.erode,
-                "backgrounds": str(args.background.resolve()) if args.background else None,
+                "backgrounds": str(args.background.resolve()) if args.background else None, "region": region,
                 "erode_kernel": args.erode_kernel,
                 "mask_mode": args.mask_mode, "augment": vars(augment) if args.mask_mode == "random" else None,
                 "precision": args.precision, "ckpt_sha256": "", "config_hash": config_hash(cfg)}
+    base_model = read_metadata(args.ckpt).get(METADATA_KIND) == "base"
+    # Image pixels per latent cell of the saved pairs (before --keep-size): what ldm.regions.image_region needs.
+    factor = cfg.model.first_stage.downsample if base_model else HINT_DOWNSAMPLE
     writer = PairWriter(args.out, run_info, keep_size=args.keep_size,
-                        info={"batch_size": args.batch_size, "shards": shard[1]},
+                        info={"batch_size": args.batch_size, "shards": shard[1], "latent_factor": factor},
                         provenance=sampling_provenance(args.ckpt, args.masks, args.background))
     check_shard_layout(writer, shard[1], args.batch_size)
     todo = [item for item in items if not writer.is_complete(item.name)]
@@ -168,7 +177,6 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     logger.info("%d masks × %d = %d pairs%s; shard %d/%d: %d pairs, %d already complete, %d to generate",
                 len(sources), args.n_per_mask, len(sources) * args.n_per_mask, limited, *shard, len(items),
                 len(items) - len(todo), len(todo))
-    base_model = read_metadata(args.ckpt).get(METADATA_KIND) == "base"
     if base_model and not args.background:
         raise ValueError(f"{args.ckpt} is a base model without a ControlNet (tools.pretrain): it follows a mask only "
                          "through background-preserving generation; pass --background DIR")
@@ -193,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         pairs = sample_pairs(model, rerun, hint_size=cfg.hint_size, steps=steps, cfg_scale=cfg_scale, eta=eta,
                              batch_size=args.batch_size, mask_mode=args.mask_mode, augment=augment,
                              precision=args.precision, batched_cfg=not args.separate_cfg, sampler=sampler,
-                             cfg_mask=cfg_mask, backgrounds=backgrounds)
+                             cfg_mask=cfg_mask, backgrounds=backgrounds, region=region)
         for pair in tqdm(pairs, total=len(rerun), unit="pair", desc="sampling", disable=args.no_progress or None):
             if pair.item.name in todo_names:
                 writer.write(pair)
@@ -233,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="background-preserving generation (MedDiff-FT eq. 2): a folder of background images (or with "
                          "images/: tools.repair_backgrounds' output); each "
                          "pair is generated inside its mask on a background drawn by its seed and keeps it outside")
+    io.add_argument("--region", metavar="SPEC",
+                    help="with --background only: which latent cells are generated for a mask (recorded in the "
+                         f"manifest as 'region'). {REGION_HELP}. Default {DEFAULT_REGION}")
     io.add_argument("--erode", type=int, default=0, metavar="K",
                     help="erode the saved masks by K pixels (MedDiff-FT's mask corrosion; a mask erosion would empty "
                          "is kept as it is; recorded in the manifest; default 0: off)")
@@ -250,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg-mask", type=_scale_or_none, metavar="S",
                    help="separate guidance scale of the mask: a third branch with empty prompt and all-zero hint "
                         "(default: sample.cfg_mask, none = text guidance only)")
-    s.add_argument("--eta", type=float, help="DDIM eta (default: sample.eta, 0; the solvers need 0)")
+    s.add_argument("--eta", type=float, help="DDIM's η, DDIM only; dpmpp_2m/unipc refuse η > 0 (default: "
+                                             "sample.eta, 0)")
     s.add_argument("--n-per-mask", type=int, default=1, metavar="N", help="pairs per mask, k = 0..N-1 (default 1)")
     s.add_argument("--seed", type=int, default=0, help="base seed; pair k of mask NAME uses sha256(seed, NAME, k)")
     s.add_argument("--limit", type=int, help="at most this many pairs (k = 0 for every mask first, then k = 1, …)")
