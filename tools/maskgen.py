@@ -9,7 +9,9 @@
 ``train`` runs ``tools.train.train`` (Lightning, DeepSpeed, checkpoints, ``--resume latest``) with the ``maskgen``
 section's steps, lr and batch size in ``<train.output_dir>/maskgen``, then writes the trained UNet's fp32 weights
 with the resolved config and its provenance (``siamese.provenance``: every training mask by digest, also in
-``<train.output_dir>/maskgen/provenance.json``) in the metadata. ``sample`` takes everything from that metadata: it
+``<train.output_dir>/maskgen/provenance.json``) in the metadata. ``sample`` takes everything from that metadata
+(``--sampler``, ``--eta`` and ``--steps`` override the config's sample.sampler, sample.eta and maskgen.sample_steps;
+what was used is recorded in ``statistics.json``): it
 writes ``OUT/masks/gen_000000.png`` … (exactly 0/255), ``OUT/manifest.jsonl`` (name, seed, area, components, IoU to
 the nearest training mask), ``OUT/statistics.json`` (the generated masks against the training masks: those of the
 config's data, or ``--train-masks DIR``) and ``OUT/provenance.json`` (the generator's records, which pairs sampled
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from ldm.checkpoint import load_state_dict, load_strict, read_metadata, save_state_dict
 from ldm.fileio import replace_dir, write_json_atomic
+from ldm.solvers import SAMPLERS
 from ldm.unet import UNetModel
 
 import numpy as np
@@ -115,12 +118,23 @@ def load_maskgen(ckpt: Path, device: str = "cpu") -> tuple[ExperimentConfig, UNe
 
 
 def sample_folder(ckpt: Path, out: Path, n: int, *, seed: int = 0, steps: int | None = None, batch_size: int = 16,
-                  train_masks: Path | None = None, force: bool = False, device: str = "cpu") -> dict:
-    """Sample ``n`` masks into ``out`` (see the module docstring); returns the statistics summary."""
+                  train_masks: Path | None = None, force: bool = False, device: str = "cpu",
+                  sampler: str | None = None, eta: float | None = None) -> dict:
+    """Sample ``n`` masks into ``out`` (see the module docstring); returns the statistics summary. ``sampler`` and
+    ``eta`` (None: the checkpoint config's sample.sampler / sample.eta) choose the solver; η > 0 is DDIM only."""
     if n <= 0 or batch_size <= 0:
         raise ValueError(f"--n and --batch-size must be > 0, got {n}, {batch_size}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {sampler!r} is not one of {list(SAMPLERS)}")
+    if eta is not None and not eta >= 0:
+        raise ValueError(f"--eta must be >= 0, got {eta}")
     check_output_dir(out, force=force)
     cfg, unet = load_maskgen(ckpt, device)
+    sampler = cfg.sample.sampler if sampler is None else sampler
+    eta = float(cfg.sample.eta if eta is None else eta)
+    if sampler != "ddim" and eta != 0:
+        raise ValueError(f"--sampler {sampler} is a deterministic ODE solver: it needs --eta 0 (got {eta}); η > 0 "
+                         "needs --sampler ddim")
     m = cfg.maskgen
     reference = (folder_masks(train_masks, m.resolution) if train_masks is not None else training_masks(cfg))
     schedule = build_schedule(m)
@@ -129,12 +143,12 @@ def sample_folder(ckpt: Path, out: Path, n: int, *, seed: int = 0, steps: int | 
     for start in range(0, n, batch_size):
         gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
         chunks.append(sample_masks(unet, schedule, len(gens), m.resolution, steps=steps or m.sample_steps,
-                                   generator=gens, sampler=cfg.sample.sampler, threshold=m.threshold,
-                                   prediction=m.prediction))
+                                   generator=gens, sampler=sampler, threshold=m.threshold,
+                                   prediction=m.prediction, eta=eta))
         logger.info("sampled %d / %d masks", start + len(gens), n)
     generated = np.concatenate(chunks)
     per_mask, summary = mask_statistics(generated, np.stack(reference))
-    summary.update({"seed": seed, "steps": steps or m.sample_steps, "sampler": cfg.sample.sampler,
+    summary.update({"seed": seed, "steps": steps or m.sample_steps, "sampler": sampler, "eta": eta,
                     "checkpoint": str(ckpt)})
     with replace_dir(out) as tmp:
         (tmp / "masks").mkdir()
@@ -148,9 +162,11 @@ def sample_folder(ckpt: Path, out: Path, n: int, *, seed: int = 0, steps: int | 
     if summary["empty_generated"]:
         logger.warning("%d of %d generated masks are empty (kept, listed in the manifest with area 0)",
                        summary["empty_generated"], n)
-    logger.info("%d masks in %s: area %.3f (training %.3f), nearest-train IoU %.3f, %d near copies", n, out,
-                summary["area"]["generated"]["mean"], summary["area"]["training"]["mean"],
-                summary["nearest_train_iou"]["mean"], summary["near_copies"])
+    logger.info("%d masks in %s (%s, η = %g): area %.3f (training %.3f), components %.2f (training %.2f), "
+                "nearest-train IoU %.3f, %d near copies", n, out, sampler, eta, summary["area"]["generated"]["mean"],
+                summary["area"]["training"]["mean"], summary["components"]["generated"]["mean"],
+                summary["components"]["training"]["mean"], summary["nearest_train_iou"]["mean"],
+                summary["near_copies"])
     return summary
 
 
@@ -171,6 +187,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--n", type=int, required=True, help="number of masks")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, help="solver steps (default: maskgen.sample_steps)")
+    s.add_argument("--sampler", choices=SAMPLERS,
+                   help="ddim or the ODE solvers dpmpp_2m / unipc (default: the checkpoint config's sample.sampler)")
+    s.add_argument("--eta", type=float, help="DDIM's η, DDIM only; dpmpp_2m/unipc refuse η > 0 (default: the "
+                                             "checkpoint config's sample.eta, 0; 1 = DDPM's ancestral step)")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--train-masks", type=Path, help="folder of masks to compare with (default: the config's data)")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
@@ -187,7 +207,8 @@ def _body(args: argparse.Namespace) -> int:
                       unsafe_pickle=args.unsafe_pickle)
     else:
         sample_folder(args.ckpt, args.out, args.n, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-                      train_masks=args.train_masks, force=args.force, device=args.device)
+                      train_masks=args.train_masks, force=args.force, device=args.device, sampler=args.sampler,
+                      eta=args.eta)
     return 0
 
 

@@ -210,9 +210,11 @@ def mask_seed(seed: int, index: int) -> int:
 @torch.no_grad()
 def sample_masks(unet: UNetModel, schedule: Schedule, n: int, resolution: int, *, steps: int = 50,
                  generator: torch.Generator | Sequence[torch.Generator] | None = None, sampler: str = "ddim",
-                 threshold: float = 0.5, prediction: str = "eps") -> np.ndarray:
+                 threshold: float = 0.5, prediction: str = "eps", eta: float = 0.0) -> np.ndarray:
     """``n`` masks (n×R×R uint8 {0, 1}): the solver's x0 thresholded at ``threshold`` of ``(x + 1) / 2``. A list
-    of generators (one per mask) makes each mask independent of the batch it is drawn in."""
+    of generators (one per mask) makes each mask independent of the batch it is drawn in; with ``eta`` > 0 (DDIM
+    only, ``ldm.schedule.ddim_step``: σ_t = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev) of Song et al. 2021; η = 1 is
+    DDPM's ancestral step) each mask's per-step noise comes from its generator too."""
     device = next(unet.parameters()).device
     schedule = schedule.to(device)
 
@@ -221,7 +223,7 @@ def sample_masks(unet: UNetModel, schedule: Schedule, n: int, resolution: int, *
 
     # Masks live in {−1, 1}: x̂0 clipped to that range at every step, as pixel-space DDPM samples.
     x = sample(sampler, clipped_denoiser(denoise, schedule.alphas_cumprod), (n, 1, resolution, resolution), None,
-               schedule, steps=steps, generator=generator, device=device, dtype=unet.dtype)
+               schedule, steps=steps, eta=eta, generator=generator, device=device, dtype=unet.dtype)
     return ((x.float()[:, 0] + 1) / 2 > threshold).to(torch.uint8).cpu().numpy()
 
 
