@@ -343,7 +343,7 @@ def test_memorisation_flags_an_exact_copy_first_and_draws_the_pairs(tmp_path):
     assert clean.summary()["flagged_any"] == 0
     with pytest.raises(ValueError, match=r"synthetic features must be \(5, d\)"):
         q.memorisation(fresh, training, synthetic_features=np.zeros((4, 64)), training_features=np.zeros((8, 64)))
-    with pytest.raises(ValueError, match="thresholds must be positive"):
+    with pytest.raises(ValueError, match="threshold must be positive"):
         q.memorisation(fresh, training, synthetic_features=np.zeros((5, 64)), training_features=np.zeros((8, 64)),
                        pixel_threshold=0)
 

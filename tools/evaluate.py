@@ -14,13 +14,16 @@ Then it runs what applies, each part on its own library (siamese.evaluation):
 1. downstream benchmark (tools.segmentation_benchmark): segmenters on real / real + synthetic / synthetic, scored on
    the held-out real test split, mean ± std over seeds (skip with --no-benchmark);
 2. mask fidelity: the benchmark's real-data segmenter (seed 0) segments every generated image; Dice against the mask
-   it was conditioned on, per pair in OUT/fidelity/<run>.jsonl and overall;
+   it was conditioned on (for eroded labels the recorded conditioning mask, with the Dice against the eroded label
+   beside it), per pair in OUT/fidelity/<run>.jsonl and overall;
 3. image quality: FID and KID between the real training images and an equal number of synthetic ones (the paper's
    protocol), with the Inception weights from a local file (--inception) or any local image tower (--features);
    without either, this part is skipped and the report says which file it needs;
 4. diversity among the samples of one mask (pixel RMSE; feature cosine with an extractor), when a mask has several;
-5. memorisation: each synthetic image's nearest real training image (pixels; features with an extractor), near-copies
-   flagged, the closest pairs in OUT/memorisation.png.
+5. memorisation: each synthetic image's nearest real image, training and test split searched (pixels; features with
+   an extractor), near-copies flagged where closer than any two distinct real images are (thresholds calibrated per
+   tower on the real images; --copy-*-threshold sets them), copies of test images counted apart, the closest pairs
+   in OUT/memorisation.png.
 Writes OUT/report.md, OUT/report.json and the PNGs.
 """
 
@@ -74,7 +77,8 @@ def _fidelity(args: argparse.Namespace, cfg, out: Path, inputs) -> dict:
     (out / "fidelity").mkdir(exist_ok=True)
     for folder in args.synthetic:
         scores = score_pairs(folder, segment)
-        lines = [json.dumps({"name": s.name, "dice": round(s.dice, 5), "mask_area": round(s.mask_area, 5)})
+        lines = [json.dumps({"name": s.name, "dice": round(s.dice, 5), "mask_area": round(s.mask_area, 5),
+                             **({} if s.label_dice is None else {"label_dice": round(s.label_dice, 5)})})
                  for s in scores]
         target = out / "fidelity" / f"{run_label(folder, args.synthetic)}.jsonl"
         write_text_atomic(target, "\n".join(lines) + "\n")
@@ -82,6 +86,9 @@ def _fidelity(args: argparse.Namespace, cfg, out: Path, inputs) -> dict:
         results[str(folder)] = {"pairs": len(scores), "dice_mean": float(dice.mean()), "dice_std": float(dice.std()),
                                 "dice_median": float(np.median(dice)), "share_ge_0.7": float((dice >= 0.7).mean()),
                                 "per_pair": str(target)}
+        labels = [s.label_dice for s in scores if s.label_dice is not None]
+        if labels:  # eroded labels: the Dice above is against the conditioning masks, this one against the labels
+            results[str(folder)]["label_dice_mean"] = float(np.mean(labels))
     return results
 
 
@@ -102,8 +109,9 @@ def _extractor(args: argparse.Namespace):
     return None
 
 
-def _quality(args: argparse.Namespace, out: Path, split_train: list[Path], extractor) -> dict:
-    """FID/KID, diversity and memorisation of all synthetic runs together against the real training images."""
+def _quality(args: argparse.Namespace, out: Path, split_train: list[Path], split_test: list[Path], extractor) -> dict:
+    """FID/KID per synthetic run against the real training images; diversity and memorisation of all runs together
+    (memorisation searched over the real training and test images, its thresholds calibrated on them)."""
     runs = [image for folder in args.synthetic for image in read_run_images(folder)]
     result: dict = {"feature_extractor": None if extractor is None else (args.features or "inception")}
     synth_paths = [r.path for r in runs]
@@ -123,12 +131,12 @@ def _quality(args: argparse.Namespace, out: Path, split_train: list[Path], extra
         if len(args.synthetic) == 1:
             result.update(result["per_run"][str(args.synthetic[0])])
         all_synth_f = extractor.features(synth_paths, progress=not args.no_progress)
-        train_f = extractor.features(split_train, progress=not args.no_progress)
+        real_f = extractor.features(split_train + split_test, progress=not args.no_progress)
     else:
         result["skipped"] = (f"FID/KID and feature-space diversity/memorisation need --inception PATH (the "
                              f"{INCEPTION_WEIGHTS_FILE} weights) or --features SPEC --feature-weights PATH; "
                              "without them the downscaled pixels stand in as features")
-        all_synth_f, train_f = pixel_vectors(synth_paths), pixel_vectors(split_train)
+        all_synth_f, real_f = pixel_vectors(synth_paths), pixel_vectors(split_train + split_test)
     diversity = quality.intra_mask_diversity(all_synth_f, [r.source for r in runs],
                                              pixels=pixel_vectors(synth_paths))
     result["diversity"] = {"mean_pixel_rmse": _finite(diversity.mean_pixel_rmse),
@@ -136,8 +144,9 @@ def _quality(args: argparse.Namespace, out: Path, split_train: list[Path], extra
                            "masks": len(diversity.per_mask), "skipped_single_sample_masks": diversity.skipped_single}
     # Without an extractor the pixel vectors stand in as features, whose cosine says little (similar-looking tissue
     # is close): the pixel RMSE decides, the cosine flags exact copies only.
-    report = quality.memorisation(synth_paths, split_train, synthetic_features=all_synth_f,
-                                  training_features=train_f,
+    report = quality.memorisation(synth_paths, split_train + split_test, synthetic_features=all_synth_f,
+                                  training_features=real_f,
+                                  training_splits=["train"] * len(split_train) + ["test"] * len(split_test),
                                   feature_threshold=args.copy_feature_threshold if extractor else 1e-9,
                                   pixel_threshold=args.copy_pixel_threshold)
     report.write_nearest_pairs_png(out / "memorisation.png")
@@ -153,10 +162,12 @@ def _report(args: argparse.Namespace, result: dict, out: Path, inputs) -> None:
         lines += ["## Does the synthetic data help the segmenter? (held-out real test split)", "",
                   *benchmark_table(result["benchmark"]), "", "![benchmark](benchmark.png)", ""]
     lines += ["## Mask fidelity (the real-data segmenter on each generated image vs its conditioning mask)", "",
-              "| synthetic run | pairs | Dice mean ± std | median | pairs ≥ 0.7 |", "|---|---|---|---|---|"]
+              "| synthetic run | pairs | Dice mean ± std | median | pairs ≥ 0.7 | Dice vs eroded label |",
+              "|---|---|---|---|---|---|"]
     for name, f in result["fidelity"].items():
+        label = f"{f['label_dice_mean']:.3f}" if "label_dice_mean" in f else "—"
         lines.append(f"| `{name}` | {f['pairs']} | {f['dice_mean']:.3f} ± {f['dice_std']:.3f} | "
-                     f"{f['dice_median']:.3f} | {100 * f['share_ge_0.7']:.0f} % |")
+                     f"{f['dice_median']:.3f} | {100 * f['share_ge_0.7']:.0f} % | {label} |")
     q = result["quality"]
     lines += ["", "## Image quality, diversity, memorisation", ""]
     if "per_run" in q:
@@ -174,8 +185,12 @@ def _report(args: argparse.Namespace, result: dict, out: Path, inputs) -> None:
                  + (f", feature cosine distance {d['mean_feature_cosine']:.4f}" if d["mean_feature_cosine"] else "")
                  + ".")
     m = q["memorisation"]
-    lines += [f"Memorisation: {json.dumps({k: v for k, v in m.items() if k != 'closest'})}.", "",
-              "![closest synthetic / training pairs](memorisation.png)", ""]
+    lines += [f"Memorisation (nearest real image, training and test split searched): {m['flagged_any']} of "
+              f"{m['n_synthetic']} synthetic images flagged as near-copies, {m['flagged_test']} of them of TEST images "
+              f"(feature cosine distance < {m['feature_threshold']:.4g}: {m['thresholds_from']['feature']}; pixel "
+              f"RMSE < {m['pixel_threshold']:.4g}: {m['thresholds_from']['pixel']}).",
+              "", f"Details: {json.dumps({k: v for k, v in m.items() if k != 'closest'})}.", "",
+              "![closest synthetic / real pairs](memorisation.png)", ""]
     write_markdown(out / "report.md", lines)
 
 
@@ -202,7 +217,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     logger.info("== mask fidelity")
     result["fidelity"] = _fidelity(args, cfg, out, inputs)
     logger.info("== image quality, diversity, memorisation")
-    result["quality"] = _quality(args, out, [p.image for p in inputs.split.train], extractor)
+    result["quality"] = _quality(args, out, [p.image for p in inputs.split.train],
+                                 [p.image for p in inputs.split.test], extractor)
     result["seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(out / "report.json", result, indent=1, default=str)
     _report(args, result, out, inputs)
@@ -224,10 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "timm:NAME or open_clip:MODEL (with --feature-weights)")
     q.add_argument("--feature-weights", type=Path, help="the weight file of --features")
     q.add_argument("--fid-count", type=int, help="images per side for FID/KID (default: as many as both have)")
-    q.add_argument("--copy-feature-threshold", type=float, default=quality.DEFAULT_FEATURE_THRESHOLD,
-                   help=f"near-copy: feature cosine distance below this ({quality.DEFAULT_FEATURE_THRESHOLD})")
-    q.add_argument("--copy-pixel-threshold", type=float, default=quality.DEFAULT_PIXEL_THRESHOLD,
-                   help=f"near-copy: pixel RMSE below this ({quality.DEFAULT_PIXEL_THRESHOLD})")
+    q.add_argument("--copy-feature-threshold", type=float,
+                   help="near-copy: feature cosine distance below this (default: calibrated on the real images, the "
+                        "smallest distance between two distinct ones in this tower's features)")
+    q.add_argument("--copy-pixel-threshold", type=float,
+                   help="near-copy: pixel RMSE at 64² below this (default: calibrated as the feature threshold)")
     add_benchmark_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")

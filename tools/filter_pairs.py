@@ -5,15 +5,17 @@
     python -m tools.filter_pairs synth/siamese --real data/polyps --out synth/f --low 0.55 --high 0.97 ...
 
 MedDiff-FT's quality filter (Xie et al., MICCAI 2025): each generated image's cosine similarity to its nearest real
-image in a frozen feature space (``siamese/meddiff/filtering.py``; the band defaults to what the real images'
-leave-one-out similarities imply, ``--low`` / ``--high`` set it). SRC is a folder tutorial_inference.py wrote; REAL a
+image in a frozen feature space (``siamese/meddiff/filtering.py``; the band defaults to what the distinct real images'
+leave-one-out similarities imply, ``--low`` / ``--high`` set it). A pair made on a background (``--background``
+sampling) is compared with the other real images, and with its own background inside its generated region only
+(against ``--references`` other real images cropped the same way). SRC is a folder tutorial_inference.py wrote; REAL a
 prompt.json dataset or a folder of images. OUT becomes a pairs folder of the kept pairs (images and masks hard-linked
 where possible, else copied; ``manifest.jsonl`` with each kept line plus its ``filter_similarity``, ``source`` and
 ``background`` relative to OUT; SRC's ``provenance.json``), usable as is by ``tools.evaluate --synthetic OUT``, and
 ``OUT/filter_report.json`` with the band and every pair's similarity, nearest real image and verdict. Nothing is
-deleted; SRC is never modified. The feature tower comes from a local weight file (nothing downloads):
-``timm:<name>`` (e.g. DINOv2), ``torchvision:<arch>``, ``open_clip:<model>``, ``inception``, or ``tiny`` (a seeded
-random network: tests only).
+deleted; SRC is never modified. The feature tower comes from a local weight file (nothing downloads): ``timm:<name>``
+(e.g. DINOv2), ``torchvision:<arch>``, ``open_clip:<model>``, ``inception``, or ``tiny`` (a seeded random network:
+tests only).
 """
 
 from __future__ import annotations
@@ -22,10 +24,17 @@ import argparse
 import logging
 from pathlib import Path
 
-from siamese.data.pairs import complete_records
+from ldm.regions import image_region
+
+import numpy as np
+
+from siamese.data.images import read_image_rgb
+from siamese.data.masks import read_mask
+from siamese.data.pairs import complete_records, conditioning_mask_path
+from siamese.data.provenance import digest_file
 from siamese.evaluation.features import read_dataset_images
 from siamese.evaluation.towers import load_feature_extractor
-from siamese.meddiff.filtering import default_band, judge, write_kept
+from siamese.meddiff.filtering import OwnBackground, default_band, judge, own_background, write_kept
 from tools._cli import check_output_dir, make_parser, run
 
 logger = logging.getLogger("siamese.filter_pairs")
@@ -47,12 +56,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--high", type=float, help="keep similarities <= HIGH (default: the largest real leave-one-out "
                                               "similarity: closer than that is a near-copy)")
     p.add_argument("--low-quantile", type=float, default=0.01, help="quantile for the default LOW (default 0.01)")
+    p.add_argument("--references", type=int, default=8,
+                   help="pairs made on a background: how many other real images its region is also compared with "
+                        "(default 8; seeded by --seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the reference draw (default 0)")
     p.add_argument("--device", default="cpu", help="torch device of the feature tower (default cpu)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
     return p.parse_args(argv)
+
+
+def _own_backgrounds(args: argparse.Namespace, src: Path, records: dict, names: list[str], real_images: list[Path],
+                     extractor) -> list[OwnBackground | None]:
+    """For each pair made on a background: its region comparison with that background (None for the others)."""
+    with_bg = [n for n in names if records[n].get("background")]
+    if not with_bg:
+        return [None] * len(names)
+    if args.references < 1:
+        raise ValueError(f"--references must be at least 1, got {args.references}")
+    by_digest = {digest_file(p): i for i, p in enumerate(real_images)}
+    rng = np.random.default_rng(args.seed)
+
+    def features(images: list[np.ndarray]) -> np.ndarray:
+        return extractor.features(images, args.batch_size, progress=False)
+
+    logger.info("%d pairs were made on a background: comparing each with it inside its generated region", len(with_bg))
+    own: dict[str, OwnBackground] = {}
+    for name in with_bg:
+        record = records[name]
+        background = src / record["background"]
+        if not background.is_file():
+            raise FileNotFoundError(f"{src / 'manifest.jsonl'}: pair {name}: background {background} not found")
+        index = by_digest.get(record.get("background_digest") or digest_file(background))
+        image = read_image_rgb(src / record["image"])
+        mask = read_mask(conditioning_mask_path(record, src))
+        region = image_region(mask, int(record.get("latent_factor", 8)), record.get("region", "max-pool"))
+        if not region.any():  # nothing generated: the image is its background
+            own[name] = OwnBackground(1.0, 0.0, index)
+            continue
+        others = [i for i in range(len(real_images)) if i != index]
+        picks = rng.choice(len(others), min(args.references, len(others)), replace=False)
+        references = [read_image_rgb(real_images[others[int(k)]]) for k in picks]
+        own[name] = own_background(features, image, read_image_rgb(background), region, references, index)
+    return [own.get(n) for n in names]
 
 
 def _body(args: argparse.Namespace) -> int:
@@ -67,8 +115,9 @@ def _body(args: argparse.Namespace) -> int:
     real = extractor.features(real_images, args.batch_size, progress=progress)
     names = list(records)
     synthetic = extractor.features([src / records[n]["image"] for n in names], args.batch_size, progress=progress)
-    band = default_band(real, args.low, args.high, args.low_quantile)
-    verdicts = judge(synthetic, real, band)
+    band = default_band(real, args.low, args.high, args.low_quantile, images=real_images)
+    own = _own_backgrounds(args, src, records, names, real_images, extractor)
+    verdicts = judge(synthetic, real, band, own)
     kept = [n for n, v in zip(names, verdicts, strict=True) if v.verdict == "kept"]
     counts = {k: sum(v.verdict == k for v in verdicts) for k in ("kept", "near-copy", "off-domain")}
     if not kept:
@@ -76,10 +125,15 @@ def _body(args: argparse.Namespace) -> int:
                          f"{counts['near-copy']} near-copies, {counts['off-domain']} off-domain); nothing written")
     report = {"source": str(src), "real": str(args.real), "features": args.features,
               "weights": str(args.weights) if args.weights else None,
-              "band": {"low": band.low, "high": band.high, "low_from": band.low_source, "high_from": band.high_source},
+              "band": {"low": band.low, "high": band.high, "low_from": band.low_source, "high_from": band.high_source,
+                       "real_duplicates_left_out": [list(d) for d in band.duplicates]},
               "counts": counts,
               "pairs": [{"name": n, "similarity": v.similarity, "nearest_real": str(real_images[v.nearest_real]),
-                         "verdict": v.verdict} for n, v in zip(names, verdicts, strict=True)]}
+                         "verdict": v.verdict,
+                         **({} if v.background_similarity is None else {
+                             "background_similarity": v.background_similarity,
+                             "background_bound": v.background_bound})}
+                        for n, v in zip(names, verdicts, strict=True)]}
     write_kept(src, out, records, dict(zip(names, verdicts, strict=True)), report)
     logger.info("kept %d of %d pairs (band [%.4f, %.4f]; %d near-copies, %d off-domain): %s", counts["kept"],
                 len(names), band.low, band.high, counts["near-copy"], counts["off-domain"], out)

@@ -1,7 +1,10 @@
 """Writing sampled image-mask pairs: atomic files, a shared JSONL manifest, resume, and an overview grid.
 
 Output layout (the one ``tutorial_inference.py`` promises): ``OUT/images/NAME_kK.png`` (RGB), ``OUT/masks/NAME_kK.png``
-(single channel, exactly 0/255) and ``OUT/manifest.jsonl``, one JSON line per pair. Each file is written under a
+(single channel, exactly 0/255: the label) and ``OUT/manifest.jsonl``, one JSON line per pair. When the labels are
+eroded (MedDiff-FT's "corrosion"), the mask each image was conditioned on is kept too, in
+``OUT/conditioning_masks/NAME_kK.png``, named by the line's ``conditioning_mask``: mask fidelity is measured against
+it, not against the eroded label. Each file is written under a
 temporary name and renamed, image first, then mask, then the manifest line; a pair counts as complete only when all
 three exist, so a crash at any point leaves at most files that a re-run regenerates, never a half pair in the
 manifest. Several processes (``--shard i/n``) share one OUT: every manifest line goes out as a single ``os.write`` on
@@ -36,13 +39,14 @@ try:  # POSIX; elsewhere lines are still appended with one write each, without t
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["GRID_NAME", "IMAGES_DIR", "MANIFEST_NAME", "MASKS_DIR", "MaskSource", "PairWriter", "SampledPair",
-           "WorkItem", "complete_records", "copy_provenance", "link_or_copy", "read_manifest", "rebased_record",
-           "write_grid"]
+__all__ = ["CONDITIONING_DIR", "GRID_NAME", "IMAGES_DIR", "MANIFEST_NAME", "MASKS_DIR", "MaskSource", "PairWriter",
+           "SampledPair", "WorkItem", "complete_records", "conditioning_mask_path", "copy_pair_files",
+           "copy_provenance", "link_or_copy", "pair_files", "read_manifest", "rebased_record", "write_grid"]
 
 logger = logging.getLogger(__name__)
 
 IMAGES_DIR, MASKS_DIR, MANIFEST_NAME, GRID_NAME = "images", "masks", "manifest.jsonl", "grid.png"
+CONDITIONING_DIR = "conditioning_masks"  # the masks eroded pairs were generated from (``conditioning_mask``)
 # Per-item keys of a manifest line that a resumed run must reproduce exactly (run-wide keys are compared too).
 ITEM_KEYS = ("source_name", "k", "seed", "prompt")
 
@@ -86,6 +90,33 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def pair_files(record: Mapping[str, Any]) -> list[str]:
+    """The files of a pair, relative to its folder: image, mask (the label) and, for eroded pairs, the mask it was
+    conditioned on."""
+    extra = [record["conditioning_mask"]] if record.get("conditioning_mask") else []
+    return [record["image"], record["mask"], *extra]
+
+
+def copy_pair_files(record: Mapping[str, Any], src: Path, dst: Path) -> None:
+    """Every file of a pair of ``src`` hard-linked (else copied) into ``dst`` at the same relative path."""
+    for rel in pair_files(record):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(src / rel, dst / rel)
+
+
+def conditioning_mask_path(record: Mapping[str, Any], folder: str | Path) -> Path:
+    """The mask a pair's image was generated from: ``conditioning_mask`` when its label was eroded, else the label
+    itself. An eroded pair without one (made before it was recorded) is refused: its label is not what the image was
+    conditioned on, and scoring against it would measure the erosion, not the generator."""
+    folder = Path(folder)
+    if record.get("conditioning_mask"):
+        return folder / record["conditioning_mask"]
+    if int(record.get("erode", 0) or 0) > 0:
+        raise ValueError(f"{folder / MANIFEST_NAME}: pair {record.get('name')} has a mask eroded by {record['erode']} "
+                         "px and no conditioning_mask (written before it was recorded); erode or sample it again")
+    return folder / record["mask"]
 
 
 def rebased_record(record: Mapping[str, Any], src: str | Path, out: str | Path) -> dict[str, Any]:
@@ -214,10 +245,14 @@ class PairWriter:
             raise ValueError(f"{self.out / PROVENANCE_FILE}: these pairs were made from other models or data than "
                              "this run's (the provenance differs); use another --out")
 
+    def conditioning_path(self, name: str) -> Path:
+        return self.out / CONDITIONING_DIR / f"{name}.png"
+
     def is_complete(self, name: str) -> bool:
-        """Image, mask and manifest line all present (as far as this writer has read the manifest)."""
+        """Image, mask(s) and manifest line all present (as far as this writer has read the manifest)."""
         image, mask = self.paths(name)
-        return name in self.recorded and image.is_file() and mask.is_file()
+        done = name in self.recorded and image.is_file() and mask.is_file()
+        return done and (not self.erode or self.conditioning_path(name).is_file())
 
     def write(self, pair: SampledPair) -> dict[str, Any]:
         """Image, then mask, then (unless already recorded) the manifest line. Returns the record."""
@@ -235,6 +270,10 @@ class PairWriter:
             self.provenance.write(self.out)
         if self.erode:
             record["mask_eroded"] = mask_erodes(mask01, self.erode, self.erode_kernel)  # False: kept, else empty
+            conditioning = self.conditioning_path(pair.item.name)
+            conditioning.parent.mkdir(exist_ok=True)
+            write_png(conditioning, mask_to_png(mask01))
+            record["conditioning_mask"] = str(conditioning.relative_to(self.out))
             mask01 = erode_mask(mask01, self.erode, self.erode_kernel)
         write_png(image_path, image)
         write_png(mask_path, mask_to_png(mask01))

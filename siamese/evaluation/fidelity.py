@@ -22,7 +22,7 @@ import numpy as np
 
 from siamese.data.images import read_image_rgb
 from siamese.data.masks import read_mask
-from siamese.data.pairs import read_manifest
+from siamese.data.pairs import conditioning_mask_path, read_manifest
 from siamese.evaluation.metrics import dice
 
 __all__ = ["PairScore", "colour_rule", "dice", "score_pairs", "segment_generated_lesion", "segmenter_rule"]
@@ -44,8 +44,9 @@ def segment_generated_lesion(rgb: np.ndarray, blur_sigma: float = 1.0) -> np.nda
 @dataclass(frozen=True)
 class PairScore:
     name: str
-    dice: float
+    dice: float  # against the mask the image was generated from (the conditioning mask)
     mask_area: float  # foreground share of the conditioning mask
+    label_dice: float | None = None  # against the saved label, when it differs (eroded pairs); None otherwise
 
 
 Segment = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -66,10 +67,19 @@ def segmenter_rule(model, cfg, device: str = "cpu") -> Segment:
     return segment
 
 
+def _mask_at(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    mask = read_mask(path)
+    if mask.shape != shape:
+        mask = cv2.resize(mask, shape[::-1], interpolation=cv2.INTER_NEAREST)
+    return mask
+
+
 def score_pairs(out_dir: str | Path, segment: Segment = colour_rule, batch: int = 32) -> list[PairScore]:
     """Mask fidelity of every pair a sampling run wrote (``OUT/manifest.jsonl``, images/, masks/), in manifest order:
     Dice between ``segment`` of each generated image (default: the colour rule of the generated domain; a segmenter
-    trained on the real pairs for real data, ``segmenter_rule``) and the mask it was conditioned on."""
+    trained on the real pairs for real data, ``segmenter_rule``) and the mask it was conditioned on: for pairs whose
+    label was eroded (``--erode``, ``tools.erode_masks``) that is the recorded ``conditioning_mask``, and the Dice
+    against the eroded label is kept beside it (``label_dice``)."""
     out_dir = Path(out_dir)
     manifest = out_dir / "manifest.jsonl"
     if not manifest.is_file():
@@ -80,8 +90,10 @@ def score_pairs(out_dir: str | Path, segment: Segment = colour_rule, batch: int 
         chunk = records[start:start + batch]
         images = [read_image_rgb(out_dir / r["image"]) for r in chunk]
         for record, image, predicted in zip(chunk, images, segment(images)):
-            mask = read_mask(out_dir / record["mask"])
-            if mask.shape != image.shape[:2]:
-                mask = cv2.resize(mask, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
-            scores.append(PairScore(record["name"], dice(predicted, mask), float(mask.mean())))
+            conditioning = conditioning_mask_path(record, out_dir)
+            mask = _mask_at(conditioning, image.shape[:2])
+            label = None
+            if conditioning != out_dir / record["mask"]:
+                label = dice(predicted, _mask_at(out_dir / record["mask"], image.shape[:2]))
+            scores.append(PairScore(record["name"], dice(predicted, mask), float(mask.mean()), label))
     return scores

@@ -20,21 +20,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from siamese.data.images import read_image_rgb
 from siamese.data.pairs import MANIFEST_NAME, read_manifest
 from siamese.data.provenance import digest_file, read_provenance
 from siamese.data.split import Pair
+from siamese.evaluation.calibration import NEAR_DUPLICATE_CORRELATION, thumbnail
 
 __all__ = ["NEAR_DUPLICATE_CORRELATION", "LeakError", "LeakReport", "check_synthetic", "near_duplicates",
            "read_synthetic", "thumbnail"]
 
 logger = logging.getLogger(__name__)
-
-NEAR_DUPLICATE_CORRELATION = 0.95  # between the two measured groups above
-
 
 class LeakError(ValueError):
     """Test data reached (or may have reached) a model behind the training data."""
@@ -113,14 +109,6 @@ def check_synthetic(folders: Sequence[str | Path], test: Sequence[Pair], *, allo
         logger.info("excluded %d synthetic pairs generated from test masks (%d remain)", report.excluded_test_masks,
                     len(report.pairs))
     return report
-
-
-def thumbnail(path: str | Path) -> np.ndarray:
-    """The image as a 32×32 gray thumbnail, zero-mean and unit-norm (so a dot product is a correlation)."""
-    gray = cv2.cvtColor(read_image_rgb(path), cv2.COLOR_RGB2GRAY).astype(np.float32)
-    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).ravel()
-    small -= small.mean()
-    return small / max(float(np.linalg.norm(small)), 1e-6)
 
 
 def near_duplicates(train: Sequence[Pair], test: Sequence[Pair], threshold: float = NEAR_DUPLICATE_CORRELATION
