@@ -2,9 +2,10 @@
 
 A run directory (``train.output_dir``) holds ``config.yaml`` (the resolved config of the current segment),
 ``config_history.jsonl`` (one line per segment: when, from which checkpoint, what changed), ``checkpoints/``,
-``logs/``, ``images/``, the EMA export and ``provenance.json`` (what the run's weights are made from: its init
+``logs/``, ``images/``, the EMA export, ``provenance.json`` (what the run's weights are made from: its init
 checkpoint's records and its training data's, ``siamese.data.provenance``; written when the run starts, kept on
-resume). The rules:
+resume) and ``cost.jsonl`` (one line per finished training segment: wall seconds, steps, accelerator, ranks, device
+name; ``training_cost`` sums them into CPU or GPU hours). The rules:
 
 * a new run never writes into a directory that holds another one (it is refused; ``--force`` clears the run's own
   files first), so checkpoints, configs and EMA exports of two runs never mix;
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 HISTORY = "config_history.jsonl"
+COST = "cost.jsonl"
 UNIVERSAL_DIR = ".universal"
 # Keys a resumed run may change: they take effect on the remaining steps without contradicting saved state.
 RESUMABLE = frozenset({
@@ -47,7 +49,7 @@ RESUMABLE = frozenset({
 })
 # What a run directory's own files are (what --force clears; nothing else in the directory is touched).
 RUN_FILES = ("checkpoints", "logs", "images", CONFIG, HISTORY, "ema_trainable.safetensors", UNIVERSAL_DIR,
-             PROVENANCE_FILE)
+             PROVENANCE_FILE, COST)
 
 
 def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -154,10 +156,52 @@ def record_segment(run: Path, step: int | None, resumed_from: Path | None, chang
         handle.write(json.dumps(line) + "\n")
 
 
+def record_cost(run: Path, cfg: ExperimentConfig, seconds: float, from_step: int, to_step: int) -> None:
+    """Append a finished training segment to ``cost.jsonl`` (rank 0): its wall seconds, steps, accelerator, ranks,
+    device name and CPU threads, so evaluations can state what a generator cost (``training_cost``)."""
+    accelerator = planned_accelerator(cfg)
+    device = torch.cuda.get_device_name(0) if accelerator == "gpu" and torch.cuda.is_available() else "cpu"
+    line = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 1), "from_step": from_step,
+            "to_step": to_step, "accelerator": accelerator, "ranks": planned_world_size(cfg), "device": device,
+            "cpu_threads": torch.get_num_threads()}
+    run.mkdir(parents=True, exist_ok=True)
+    with (run / COST).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line) + "\n")
+
+
+def training_cost(run: str | Path) -> dict | None:
+    """A run's recorded training cost summed over its segments: wall seconds, device hours (wall × ranks) per
+    accelerator (``cpu_hours``, ``gpu_hours``), steps, devices; None when the run records none (trained before
+    ``cost.jsonl`` existed, or interrupted in every segment)."""
+    path = Path(run) / COST
+    if not path.is_file():
+        return None
+    try:
+        lines = [json.loads(text) for text in path.read_text(encoding="utf-8").splitlines() if text.strip()]
+        hours = {"cpu": 0.0, "gpu": 0.0}
+        for line in lines:
+            kind = "gpu" if line["accelerator"] == "gpu" else "cpu"
+            hours[kind] += float(line["seconds"]) * int(line["ranks"]) / 3600
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a cost record of this framework ({exc})") from None
+    if not lines:
+        return None
+    return {"segments": len(lines), "wall_seconds": round(sum(float(line["seconds"]) for line in lines), 1),
+            "cpu_hours": round(hours["cpu"], 4), "gpu_hours": round(hours["gpu"], 4),
+            "steps": max(int(line["to_step"]) for line in lines),
+            "devices": sorted({f"{line['ranks']} × {line['device']}" for line in lines})}
+
+
+def planned_accelerator(cfg: ExperimentConfig) -> str:
+    """``cpu`` or ``gpu`` (``auto``: gpu when CUDA is available)."""
+    t = cfg.train
+    return t.accelerator if t.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+
+
 def planned_world_size(cfg: ExperimentConfig) -> int:
     """Data-parallel ranks this run will have: devices (-1 = all visible) × nodes."""
     t = cfg.train
-    accelerator = t.accelerator if t.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    accelerator = planned_accelerator(cfg)
     devices = t.devices if t.devices != -1 else (1 if accelerator == "cpu" else max(1, torch.cuda.device_count()))
     return devices * t.num_nodes
 

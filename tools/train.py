@@ -23,6 +23,7 @@ import logging
 import re
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,7 @@ from siamese.run_dir import (
     loadable_checkpoint,
     planned_world_size,
     prepare_fresh,
+    record_cost,
     record_segment,
     resume_config,
     resume_target,
@@ -266,6 +268,7 @@ def train(cfg: ExperimentConfig, *, resume: str | Path | None = None, force: boo
         record_segment(run, int(step.group(1)) if step else 0, ckpt, changes or {})
 
     trainer.callbacks.append(AtTrainStart(record))
+    started = time.perf_counter()
     try:
         trainer.fit(module, loader, ckpt_path=None if ckpt_path is None else str(ckpt_path))
     except RuntimeError as exc:
@@ -274,6 +277,8 @@ def train(cfg: ExperimentConfig, *, resume: str | Path | None = None, force: boo
             raise ConfigError(f"{ckpt} does not fit the model of {run / 'config.yaml'} (was the config edited?): "
                               f"{text.strip().splitlines()[0][:300]}") from None
         raise
+    if trainer.is_global_zero:  # what this segment cost (RUN/cost.jsonl), for evaluations that weigh it
+        record_cost(run, cfg, time.perf_counter() - started, int(step.group(1)) if step else 0, trainer.global_step)
     if universal and trainer.is_global_zero:
         shutil.rmtree(run / UNIVERSAL_DIR, ignore_errors=True)  # converted for this resume only
     return trainer
