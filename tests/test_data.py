@@ -129,6 +129,30 @@ def test_binarize_warns_on_label_masks(caplog: pytest.LogCaptureFixture) -> None
     assert "threshold=0" in caplog.text
 
 
+@pytest.mark.parametrize(("dtype", "value", "suffix"), [
+    (np.uint16, 1, ".png"), (np.uint16, 3, ".png"), (np.uint16, 255, ".png"), (np.uint16, 1, ".tif"),
+    (np.uint16, 65535, ".tif"), (np.uint16, 1000, ".png"), (np.uint8, 2, ".png"), (np.uint8, 100, ".png"),
+    (np.uint8, 1, ".png"), (np.uint8, 255, ".png")])
+def test_label_masks_of_any_bit_depth_are_not_read_as_empty(tmp_path: Path, dtype, value, suffix) -> None:
+    """16-bit 0/1, 0/k, 0/255 (what NIfTI exports and annotation tools write) and 8-bit 0/k (k < 128) masks all read
+    as the lesion they hold; they came out empty (÷ 257 before the label detection, or gray > 127)."""
+    path = tmp_path / f"m{suffix}"
+    cv2.imwrite(str(path), _disk().astype(dtype) * dtype(value))
+    assert np.array_equal(read_mask(path), _disk())
+
+
+def test_class_maps_read_every_label_as_foreground_and_gray_masks_keep_127() -> None:
+    labels = np.zeros((8, 8), np.uint16)
+    labels[1:3, 1:3], labels[5:7, 5:7] = 1, 2  # a two-class map in a 16-bit file
+    assert binarize_mask(labels, None).sum() == 8
+    soft = np.zeros((8, 8), np.uint8)
+    soft[2:6, 2:6] = 200
+    soft[2, 2:6] = 90  # an anti-aliased edge: gray levels, thresholded at 127 as the released code does
+    assert binarize_mask(soft, None).sum() == 12
+    noise = np.arange(64, dtype=np.uint8).reshape(8, 8)  # 64 levels ≤ 127: not a label map; stays empty at 127
+    assert not binarize_mask(noise, None).any()
+
+
 def test_read_mask_files_and_errors(tmp_path: Path) -> None:
     mask = _disk().astype(np.uint16) * np.uint16(65535)
     cv2.imwrite(str(tmp_path / "m16.png"), mask)

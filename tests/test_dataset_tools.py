@@ -262,12 +262,16 @@ def test_doctor_empty_and_full_masks(tmp_path):
     assert rc == 0 and found["empty_mask"].severity == found["full_mask"].severity == "warning"
     assert found["empty_mask"].examples[0].startswith("line 1: masks/p00.png")
     assert found["full_mask"].examples[0].startswith("line 2: masks/p01.png")
-    # Every mask empty: nothing to learn → an error. A red mask is reduced to luma 76 ≤ 127: empty, and said so.
+    # Every mask empty: nothing to learn → an error. A red-on-black mask is reduced to luma 76: two levels ≤ 127,
+    # read as a label (it was empty under gray > 127); under an explicit threshold 127 it is empty, and said so.
     red = np.zeros((SIZE, SIZE, 3), np.uint8)
     red[8:24, 8:24] = (0, 0, 255)
-    rc, found = _doctor(_dataset(tmp_path / "e", [(_image(0), empty), (_image(1), red)]))
-    assert rc == 1 and found["empty_mask"].severity == "error" and found["colour_mask"].severity == "info"
-    assert "max gray 76 ≤ threshold 127" in found["empty_mask"].examples[1]
+    rc, found = _doctor(_dataset(tmp_path / "e", [(_image(0), empty), (_image(1), empty)]))
+    assert rc == 1 and found["empty_mask"].severity == "error"
+    rc, found = _doctor(_dataset(tmp_path / "r", [(_image(0), red), (_image(1), _mask())]))
+    assert rc == 0 and "empty_mask" not in found and found["colour_mask"].severity == "info"
+    rc, found = _doctor(_dataset(tmp_path / "t", [(_image(0), red), (_image(1), _mask())]), "--mask-threshold", "127")
+    assert "max gray 76 ≤ threshold 127" in found["empty_mask"].examples[0]
 
 
 def test_doctor_duplicate_content_and_paths(tmp_path):
@@ -330,7 +334,7 @@ def test_label_masks_read_by_the_automatic_threshold(tmp_path, caplog):
     root = _dataset(tmp_path / "d", [(_image(0), label), (_image(1), _mask())])
     with caplog.at_level(logging.INFO, logger="siamese.data"):
         dataset = MaskImageDataset(root, SIZE)
-    assert "0/1 label images detected (1 of 2 files)" in caplog.text
+    assert "label images (class values ≤ 127) detected (1 of 2 files)" in caplog.text
     assert np.array_equal(dataset[0]["mask_hint"][0].numpy(), label.astype(np.float32))
     assert np.array_equal(dataset[1]["mask_hint"][0].numpy(), (_mask() > 127).astype(np.float32))
     # An explicit threshold keeps today's rule: 0/1 masks are empty at 127, read at 0.

@@ -112,8 +112,8 @@ def check(cfg: ExperimentConfig, where: str = "config") -> None:
         fail(f"method: {exc}")
     threshold = cfg.data.mask_threshold
     if threshold is not None and (isinstance(threshold, bool) or not 0 <= threshold <= 254):
-        fail(f"data.mask_threshold must be an 8-bit gray level in 0..254 or null (automatic: 0/1 label masks → "
-             f"foreground = 1, others → 127), got {threshold}")
+        fail(f"data.mask_threshold must be an 8-bit gray level in 0..254 or null (automatic: label masks "
+             f"(0/1, 0/k ≤ 127, class maps) → foreground = any label, others → gray > 127), got {threshold}")
     if cfg.data.root is None and cfg.data.synthetic_samples <= 0:
         fail("data.synthetic_samples must be > 0 when data.root is null (generated data)")
     for name in PRETRAIN_STAGES:

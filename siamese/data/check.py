@@ -32,8 +32,13 @@ DEFAULT_RESOLUTION = 384  # the paper's training resolution (data.resolution's d
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint16:
-        return (array // 257).astype(np.uint8)
+        return mask_to_gray(array) if array.ndim == 2 else _levels8(array)
     return array.astype(np.uint8) if array.dtype == np.bool_ else array
+
+
+def _levels8(array: np.ndarray) -> np.ndarray:
+    """16-bit colour masks at 8 bit by the rule of ``mask_to_gray`` (÷ 257 only when the 16-bit range is used)."""
+    return array.astype(np.uint8) if int(array.max(initial=0)) <= 255 else (array // 257).astype(np.uint8)
 
 
 def _interior(values: np.ndarray) -> np.ndarray:
@@ -74,10 +79,10 @@ def _histogram(values: np.ndarray, counts: np.ndarray, colour: bool, top: int = 
 def describe_mask(array: np.ndarray) -> tuple[str, str]:
     """Classify a decoded mask (OpenCV channel order, 8 or 16 bit) and summarise its values.
 
-    Returns ``(kind, histogram)``. kind: ``constant`` (one value), ``label`` (gray values {0, 1}), ``binary`` (two
-    gray levels), ``colour`` (two colours), ``multiclass`` (3+ classes: gray levels or colours that form regions,
-    telling palette / class-index masks from edges), ``nonbinary`` (more values, but not 3 regions: soft or
-    interpolated edges, JPEG noise). histogram: the most frequent values with their pixel shares.
+    Returns ``(kind, histogram)``. kind: ``constant`` (one value), ``label`` (gray values {0, 1} or {0, k ≤ 127}),
+    ``binary`` (two gray levels), ``colour`` (two colours), ``multiclass`` (3+ classes: gray levels or colours that
+    form regions, telling palette / class-index masks from edges), ``nonbinary`` (more values, but not 3 regions:
+    soft or interpolated edges, JPEG noise). histogram: the most frequent values with their pixel shares.
     """
     array = _to_uint8(array)
     if array.ndim == 3 and array.shape[2] == 1:
@@ -99,8 +104,8 @@ def describe_mask(array: np.ndarray) -> tuple[str, str]:
     text = _histogram(values, counts, colour)
     if len(values) == 1:
         return "constant", text
-    if not colour and int(values.max()) == 1:
-        return "label", text
+    if not colour and (int(values.max()) == 1 or (len(values) == 2 and is_label_mask(array))):
+        return "label", text  # 0/1, or 0/k with k ≤ 127: class values, read as foreground = k
     if len(values) == 2:
         return ("colour" if colour else "binary"), text
     inside_values, inside_counts = np.unique(array[_interior(array)], return_counts=True)
@@ -173,8 +178,8 @@ def _shown_path(path: Path, base: Path) -> str:
 def _label_what(threshold: int | None) -> tuple[str, str]:
     if threshold is None:
         return "warning", (f"{WHAT['label_mask']}: read correctly as foreground = value 1 by data.mask_threshold: "
-                           f"null (automatic; other masks: gray > {DEFAULT_THRESHOLD}); an explicit threshold ≥ 1 "
-                           f"would make them empty")
+                           f"null (automatic: any non-zero label; other masks: gray > {DEFAULT_THRESHOLD}); an "
+                           f"explicit threshold ≥ 1 would make 0/1 labels empty")
     if threshold == 0:
         return "warning", f"{WHAT['label_mask']}: read as foreground = value 1 by data.mask_threshold=0"
     return "error", (f"{WHAT['label_mask']}: data.mask_threshold={threshold} reads them as EMPTY; set "
@@ -296,7 +301,7 @@ def _check_mask(path: Path, shown: str, threshold: int | None,
     kind, histogram = describe_mask(array)
     level = resolve_threshold(gray, threshold)
     foreground = float((gray > level).mean())
-    if is_label_mask(gray):
+    if kind == "label":
         found.add("warning", "label_mask", shown)
     elif kind in ("multiclass", "nonbinary"):
         found.add("warning", f"{kind}_mask", f"{shown} ({histogram}; foreground {100 * foreground:.1f}%)")

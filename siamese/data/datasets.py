@@ -120,10 +120,11 @@ class MaskImageDataset(Dataset):
             labels += is_label_mask(gray)
         scope = f"{read} files" if read == count else f"{read} sampled files"
         if labels:
-            logger.info("masks: 0/1 label images detected (%d of %s): foreground = value 1; other masks: gray > %d "
-                        "(data.mask_threshold: auto)", labels, scope, DEFAULT_THRESHOLD)
+            logger.info("masks: label images (class values ≤ %d) detected (%d of %s): foreground = any non-zero "
+                        "label; other masks: gray > %d (data.mask_threshold: auto)", DEFAULT_THRESHOLD, labels, scope,
+                        DEFAULT_THRESHOLD)
         else:
-            logger.info("masks: foreground = gray > %d (no 0/1 label images among %s; data.mask_threshold: auto)",
+            logger.info("masks: foreground = gray > %d (no label images among %s; data.mask_threshold: auto)",
                         DEFAULT_THRESHOLD, scope)
 
     def __len__(self) -> int:

@@ -22,7 +22,7 @@ WHAT = {
     "unreadable_file": "files that cannot be read or decoded as images",
     "aspect_mismatch": "image and mask aspect ratios differ: the pair cannot line up",
     "size_mismatch": "image and mask sizes differ (same aspect ratio): both are resized, the pair still lines up",
-    "label_mask": "0/1 label masks",
+    "label_mask": "label masks (class values ≤ 127: 0/1, 0/k, class maps)",
     "multiclass_mask": "multi-class masks (3+ distinct classes): all classes above the threshold merge into one "
                        "foreground, the others into background",
     "nonbinary_mask": "non-binary masks (soft edges or JPEG noise): binarised at the threshold",

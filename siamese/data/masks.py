@@ -3,9 +3,12 @@
 Siamese-Diffusion conditions on binary segmentation masks. The released dataset code converts every mask to
 8-bit grayscale (ITU-R 601 luma, as PIL's ``convert('L')`` and OpenCV's ``BGR2GRAY`` both do) and keeps pixels
 ``> 127`` as foreground; this module reproduces that convention for gray, BGR and 16-bit inputs. Label masks stored
-as 0/1 (common in medical datasets) would all come out empty under that rule, so the automatic mode
-(``threshold=None``, ``data.mask_threshold: null``) reads a mask whose values are all in {0, 1} as a label mask
-(foreground = 1) and any other mask at gray level 127. Two details of the original are deliberately not carried
+as small class values (0/1, 0/3, 0/1/2: what NIfTI exports and annotation tools write, in 8- or 16-bit files) would
+all come out empty under that rule, so the automatic mode (``threshold=None``, ``data.mask_threshold: null``) reads
+a mask whose values are at most 127 in at most ``LABEL_MAX_LEVELS`` levels as a label mask (foreground = any
+non-zero label) and any other mask at gray level 127. A 16-bit file is scaled to 8 bit (÷ 257) only when it uses the
+16-bit range (a value above 255): 16-bit masks holding 0/1, 0/k or 0/255 keep their values, so they are read by the
+same rules as 8-bit ones. Two details of the original are deliberately not carried
 over: saved masks are exactly 0/255 (the original wrote masks through a uint8 wrap-around and dithering path that
 added spurious foreground pixels), and the "Random" mask protocol of the paper's segmentation tables (flip, scale,
 shift of training masks) is an explicit, seeded, frozen configuration instead of ad-hoc code. Everything here works
@@ -38,14 +41,17 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 127  # the released dataset code keeps gray values > 127 as foreground
-AUTO_THRESHOLD = None  # threshold=None: 0/1 label masks → foreground = 1, any other mask → DEFAULT_THRESHOLD
+AUTO_THRESHOLD = None  # threshold=None: label masks → foreground = any label > 0, any other mask → DEFAULT_THRESHOLD
+LABEL_MAX_LEVELS = 16  # a label mask has at most this many distinct values (background included), all ≤ 127
 
 
 def _to_uint8(mask: np.ndarray) -> np.ndarray:
     if mask.dtype == np.uint8:
         return mask
     if mask.dtype == np.uint16:
-        # 65535 -> 255 exactly; integer division keeps the mapping monotone and free of rounding surprises.
+        if int(mask.max(initial=0)) <= 255:  # 8-bit levels or class labels stored in a 16-bit file: keep them
+            return mask.astype(np.uint8)
+        # The 16-bit range: 65535 -> 255 exactly; integer division keeps the mapping monotone, free of rounding.
         return (mask // 257).astype(np.uint8)
     raise ValueError(f"mask dtype {mask.dtype} is not supported (expected uint8, uint16 or bool)")
 
@@ -59,8 +65,8 @@ def mask_to_gray(mask: np.ndarray) -> np.ndarray:
     """Reduce a mask array to uint8 8-bit gray H×W: the value every threshold refers to.
 
     Accepts H×W, H×W×1, H×W×3 (BGR, OpenCV order) and H×W×4 (BGRA; alpha ignored) arrays of dtype uint8 or
-    uint16 (scaled to 8 bit, 65535 → 255), and bool arrays (True → 1). Colour is reduced to luma, exactly like the
-    original's ``convert('L')``.
+    uint16 (scaled to 8 bit, 65535 → 255, when a value exceeds 255; kept as they are otherwise), and bool arrays
+    (True → 1). Colour is reduced to luma, exactly like the original's ``convert('L')``.
     """
     if not isinstance(mask, np.ndarray):
         raise TypeError(f"mask must be a numpy array, got {type(mask).__name__}")
@@ -85,25 +91,31 @@ def mask_to_gray(mask: np.ndarray) -> np.ndarray:
 
 
 def is_label_mask(gray: np.ndarray) -> bool:
-    """True for a 0/1 label mask: every value in {0, 1} and at least one 1 (an all-zero mask is just empty)."""
-    return int(gray.max()) == 1
+    """True for a label mask (class values, not gray levels): some value > 0, every value ≤ ``DEFAULT_THRESHOLD``
+    (so gray level 127 would read it as empty) and at most ``LABEL_MAX_LEVELS`` distinct values (0/1, 0/3, 0/1/2; an
+    all-zero mask is just empty)."""
+    top = int(gray.max())
+    if not 0 < top <= DEFAULT_THRESHOLD:
+        return False
+    return top == 1 or len(np.unique(gray)) <= LABEL_MAX_LEVELS
 
 
 def resolve_threshold(gray: np.ndarray, threshold: int | None) -> int:
-    """The gray level a mask is binarised at: ``threshold`` itself, or for ``None`` (automatic) 0 for a 0/1 label
-    mask (foreground = 1) and ``DEFAULT_THRESHOLD`` for anything else."""
+    """The gray level a mask is binarised at: ``threshold`` itself, or for ``None`` (automatic) 0 for a label mask
+    (foreground = any non-zero label, ``is_label_mask``) and ``DEFAULT_THRESHOLD`` for anything else."""
     if threshold is not None:
         return int(threshold)
-    return 0 if int(gray.max()) <= 1 else DEFAULT_THRESHOLD
+    return 0 if is_label_mask(gray) else DEFAULT_THRESHOLD
 
 
 def binarize_mask(mask: np.ndarray, threshold: int | None = DEFAULT_THRESHOLD) -> np.ndarray:
     """Return a single-channel uint8 {0, 1} mask: 1 where the 8-bit gray value is ``> threshold``.
 
     Accepts H×W, H×W×1, H×W×3 (BGR, OpenCV order) and H×W×4 (BGRA; alpha ignored) arrays of dtype uint8 or
-    uint16 (scaled to 8 bit first, so the threshold always refers to the 0..255 range). Boolean arrays are taken
-    as already binary. Colour masks are reduced to luma, exactly like the original's ``convert('L')``.
-    ``threshold=None`` is the automatic rule (:func:`resolve_threshold`): 0/1 label masks keep their 1s.
+    uint16 (``mask_to_gray``: the threshold always refers to the 0..255 range). Boolean arrays are taken as already
+    binary. Colour masks are reduced to luma, exactly like the original's ``convert('L')``. ``threshold=None`` is
+    the automatic rule (:func:`resolve_threshold`): label masks (0/1, 0/k, class maps) keep every label as
+    foreground.
     """
     if not isinstance(mask, np.ndarray):
         raise TypeError(f"mask must be a numpy array, got {type(mask).__name__}")
@@ -117,7 +129,7 @@ def binarize_mask(mask: np.ndarray, threshold: int | None = DEFAULT_THRESHOLD) -
         # The classic silent failure: label masks stored as 0/1 (or faint colours) all fall below the threshold.
         logger.warning(
             "mask has non-zero values (max gray %d) but none above threshold %d: the binarised mask is empty; "
-            "if masks are stored as 0/1 labels, use threshold=None (automatic; data.mask_threshold: null) "
+            "if masks are stored as class labels, use threshold=None (automatic; data.mask_threshold: null) "
             "or threshold=0",
             int(gray.max()),
             level,
@@ -213,8 +225,9 @@ def read_mask_gray(path: str | Path) -> np.ndarray:
 def read_mask(path: str | Path, threshold: int | None = AUTO_THRESHOLD) -> np.ndarray:
     """Read a mask image (any bit depth / channel count OpenCV decodes) and binarise it to uint8 {0, 1}.
 
-    The default ``threshold=None`` is the automatic rule: a 0/1 label mask keeps its 1s as foreground, any other
-    mask is foreground where gray > 127 (identical to ``threshold=127`` for every mask that is not 0/1).
+    The default ``threshold=None`` is the automatic rule: a label mask (values ≤ 127 in few levels: 0/1, 0/k, a class
+    map) has every non-zero label as foreground, any other mask is foreground where gray > 127 (identical to
+    ``threshold=127`` for every mask that is not a label mask).
     """
     path = Path(path)
     image = _decode_mask(path)
