@@ -115,6 +115,8 @@ def background_denoiser(fn: DenoiseFn, background: Tensor, region: Tensor, alpha
     re-noised to every step, with the same noise throughout (eq. 2 draws fresh noise; with η = 0 samplers a fixed
     draw keeps the trajectory an ODE path). The network always sees the whole latent, so the generated region is
     conditioned on the (noisy) background around it. ``region`` broadcasts against the latent (B × 1 × h × w).
+    ``n`` is the noise the starting latent implies at the first evaluated step: start from ``background_start`` so
+    that it is the drawn noise itself (``LatentDiffusion.sample_latents`` does).
     """
 
     def denoise_background(x: Tensor, t: Tensor, cond: Any) -> Tensor:
