@@ -80,17 +80,21 @@ def stack_pairs(pairs: Sequence[tuple[np.ndarray, np.ndarray]], size: int) -> tu
 
 
 def train_segmenter(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: SegmenterConfig, *, seed: int,
-                    device: torch.device | str = "cpu", progress: bool = True, desc: str = "segmenter") -> nn.Module:
-    """Train a segmenter on (uint8 RGB, {0, 1} mask) pairs for ``cfg.steps`` steps; deterministic for a seed."""
+                    device: torch.device | str = "cpu", progress: bool = True, desc: str = "segmenter",
+                    model: nn.Module | None = None) -> nn.Module:
+    """Train a segmenter on (uint8 RGB, {0, 1} mask) pairs for ``cfg.steps`` steps; deterministic for a seed.
+    ``model``: continue training that network (fine-tuning: a fresh AdamW at ``cfg.lr``) instead of a new one."""
     from monai.losses import DiceLoss
 
     if len(pairs) < 1:
         raise ValueError("no training pairs for the segmenter")
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = build_segmenter(cfg).to(device)
+    if model is None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = build_segmenter(cfg)
+    model = model.to(device)
     images, masks = stack_pairs(pairs, cfg.resolution)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     dice_loss = DiceLoss(sigmoid=True)
