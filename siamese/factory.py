@@ -87,7 +87,8 @@ def build_dataset(cfg: ExperimentConfig) -> Dataset:
         return SyntheticLesionDataset(cfg.data.synthetic_samples, cfg.data.resolution, seed=cfg.train.seed,
                                       hint_resolution=cfg.hint_size, **kwargs)
     return MaskImageDataset(cfg.data.root, cfg.data.resolution, hint_resolution=cfg.hint_size,
-                            prompt_override=cfg.data.prompt, threshold=cfg.data.mask_threshold)
+                            prompt_override=cfg.data.prompt, threshold=cfg.data.mask_threshold,
+                            intensity=cfg.data.intensity)
 
 
 def build_image_dataset(cfg: ExperimentConfig) -> Dataset:
@@ -95,7 +96,8 @@ def build_image_dataset(cfg: ExperimentConfig) -> Dataset:
     or the built-in generated images when it is null."""
     if cfg.data.root is None:
         return build_dataset(cfg)  # the generated pairs; pretraining reads only their images and prompts
-    return ImageDataset.from_root(cfg.data.root, cfg.data.resolution, cfg.sample.prompt, cfg.data.prompt)
+    return ImageDataset.from_root(cfg.data.root, cfg.data.resolution, cfg.sample.prompt, cfg.data.prompt,
+                                  intensity=cfg.data.intensity)
 
 
 def meta_model(cfg: ModelConfig) -> ControlLDM:

@@ -329,3 +329,72 @@ def test_demo_data_cli_writes_the_training_layout(tmp_path):
     assert len(MaskImageDataset(tmp_path / "demo", 32)) == 3
     assert demo_data.main([str(tmp_path / "demo"), "--samples", "3"]) == 1  # prompt.json exists: refused
     assert demo_data.main([str(tmp_path / "demo"), "--samples", "3", "--force"]) == 0
+
+
+# ------------------------------------------------------------------------------------------------ intensities
+
+
+def _twelve_bit(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    rng = np.random.default_rng(5)
+    raw = rng.integers(200, 3800, (16, 24)).astype(np.uint16)  # 12-bit data in a 16-bit file (CT, X-ray)
+    raw[0, 0], raw[0, 1] = 100, 4000
+    path = tmp_path / "ct.png"
+    cv2.imwrite(str(path), raw)
+    return path, raw.astype(np.float64)
+
+
+def test_twelve_bit_images_are_not_near_black_and_each_mode_maps_as_documented(tmp_path: Path) -> None:
+    from siamese.data.images import parse_intensity, read_image_rgb
+
+    path, raw = _twelve_bit(tmp_path)
+    full = read_image_rgb(path, "full_range")[..., 0]
+    assert full.max() <= 15 and np.array_equal(full, (raw // 257).astype(np.uint8))  # the defect, as a mode
+    auto = read_image_rgb(path)[..., 0]
+    assert np.array_equal(auto, np.rint(raw * 255 / 4095).astype(np.uint8)) and auto.max() == 249
+    minmax = read_image_rgb(path, "minmax")[..., 0]
+    assert minmax.min() == 0 and minmax.max() == 255
+    assert np.array_equal(minmax, np.rint((raw - 100) * 255 / 3900).astype(np.uint8))
+    low, high = np.percentile(raw, (2, 98))
+    window = read_image_rgb(path, "percentile:2,98")[..., 0]
+    assert np.array_equal(window, np.clip(np.rint((raw - low) * 255 / (high - low)), 0, 255).astype(np.uint8))
+    # A full-range 16-bit file keeps the exact ÷257 of before; 8-bit files are untouched by auto.
+    wide = (raw * 16).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "wide.png"), wide)
+    assert np.array_equal(read_image_rgb(tmp_path / "wide.png")[..., 0], (wide // 257).astype(np.uint8))
+    assert str(parse_intensity("percentile:1,99")) == "percentile:1,99"
+    for bad, message in (("gamma", "not one of"), ("minmax:1,2", "only 'percentile'"),
+                         ("percentile:9,1", "low < high"), ("percentile:x", "percentile:LOW,HIGH")):
+        with pytest.raises(ValueError, match=message):
+            parse_intensity(bad)
+
+
+def test_float_images_and_the_config_setting(tmp_path: Path) -> None:
+    from siamese.config import ConfigError, load_config
+    from siamese.data.images import image_to_rgb8
+
+    unit = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    assert image_to_rgb8(unit)[..., 0].max() == 255
+    hounsfield = np.linspace(-1000, 2000, 12, dtype=np.float32).reshape(3, 4)
+    assert image_to_rgb8(hounsfield)[..., 0].tolist()[0][0] == 0  # auto: min-max for floats outside [0, 1]
+    with pytest.raises(ValueError, match=r"float values in \[-1000, 2000\], not \[0, 1\]; set data.intensity"):
+        image_to_rgb8(hounsfield, "x.tif", "full_range")
+    with pytest.raises(ValueError, match="NaN"):
+        image_to_rgb8(np.full((2, 2), np.nan, np.float32))
+    assert load_config(None, ["data.intensity=percentile:1,99"]).data.intensity == "percentile:1,99"
+    with pytest.raises(ConfigError, match="data.intensity"):
+        load_config(None, ["data.intensity=window"])
+
+
+def test_doctor_names_near_black_images_and_the_setting_that_fixes_them(tmp_path: Path) -> None:
+    from siamese.data.check import check_dataset
+
+    path, _ = _twelve_bit(tmp_path)
+    root = tmp_path / "d"
+    (root / "masks").mkdir(parents=True)
+    cv2.imwrite(str(root / "masks" / "ct.png"), np.pad(np.full((8, 8), 255, np.uint8), ((4, 4), (8, 8))))
+    (root / "prompt.json").write_text(json.dumps({"source": "masks/ct.png", "target": str(path), "prompt": "ct"}))
+    found = {f.code: f for f in check_dataset(root, resolution=16, progress=False, intensity="full_range")}
+    assert "near_black_image" in found and "data.intensity: percentile stretches it" in found["near_black_image"]\
+        .examples[0]
+    found = {f.code: f for f in check_dataset(root, resolution=16, progress=False)}
+    assert "near_black_image" not in found and "→ 249 by data.intensity auto" in found["image_16bit"].examples[0]

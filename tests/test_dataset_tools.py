@@ -296,7 +296,7 @@ def test_doctor_gray_16bit_and_alpha_images_are_infos(tmp_path):
     assert rc == 0
     assert found["gray_image"].severity == found["image_16bit"].severity == found["alpha_image"].severity == "info"
     assert found["gray_image"].examples == ["line 1: images/p00.png"]
-    assert "replicated" in found["gray_image"].what and "not clipped" in found["image_16bit"].what
+    assert "replicated" in found["gray_image"].what and "data.intensity" in found["image_16bit"].what
     assert found["image_16bit"].examples[0].startswith("line 2: images/p01.png")
 
 

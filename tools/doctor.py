@@ -23,6 +23,7 @@ from pathlib import Path
 
 from siamese.config import ConfigError, load_config
 from siamese.data.check import DEFAULT_RESOLUTION, check_dataset, format_findings
+from siamese.data.images import parse_intensity
 from tools._cli import EXIT_FAILURE, make_parser, run
 
 logger = logging.getLogger("siamese.tools.doctor")
@@ -41,10 +42,10 @@ def _threshold(text: str) -> int | None:
 
 
 def _body(args: argparse.Namespace) -> int:
-    root, resolution, threshold = args.root, DEFAULT_RESOLUTION, None
+    root, resolution, threshold, intensity = args.root, DEFAULT_RESOLUTION, None, "auto"
     if args.config is not None:
         cfg = load_config(args.config)
-        resolution, threshold = cfg.data.resolution, cfg.data.mask_threshold
+        resolution, threshold, intensity = cfg.data.resolution, cfg.data.mask_threshold, cfg.data.intensity
         if root is None:
             if cfg.data.root is None:
                 raise ConfigError(f"{args.config}: data.root is null (generated data): give ROOT to check")
@@ -55,14 +56,21 @@ def _body(args: argparse.Namespace) -> int:
         resolution = args.resolution
     if hasattr(args, "mask_threshold"):  # given (argparse.SUPPRESS leaves it out otherwise); None = auto
         threshold = args.mask_threshold
+    if args.intensity is not None:
+        intensity = args.intensity
     if resolution <= 0:
         raise ConfigError(f"--resolution must be > 0, got {resolution}")
-    findings = check_dataset(root, resolution=resolution, threshold=threshold)
+    try:
+        intensity = parse_intensity(intensity)
+    except ValueError as error:
+        raise ConfigError(f"--intensity: {error}") from None
+    findings = check_dataset(root, resolution=resolution, threshold=threshold, intensity=intensity)
     sys.stdout.write(format_findings(findings))
     kinds = {severity: [f for f in findings if f.severity == severity] for severity in ("error", "warning")}
     checked = next((f.count for f in findings if f.code == "checked"), 0)
     rule = "auto" if threshold is None else threshold
-    summary = (f"{root}: {checked} pairs checked (data.resolution={resolution}, data.mask_threshold={rule}): "
+    summary = (f"{root}: {checked} pairs checked (data.resolution={resolution}, data.mask_threshold={rule}, "
+               f"data.intensity={intensity}): "
                + ", ".join(f"{len(kinds[s])} {s} kind(s) ({sum(f.count for f in kinds[s])} cases)" for s in kinds))
     if kinds["error"]:
         logger.error("%s: fix the errors before training", summary)
@@ -80,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                                                   f"{DEFAULT_RESOLUTION})")
     p.add_argument("--mask-threshold", metavar="T", type=_threshold, default=argparse.SUPPRESS,
                    help="mask threshold 0..254 or 'auto' (default: the config's data.mask_threshold, else auto)")
+    p.add_argument("--intensity", metavar="MODE",
+                   help="how 16-bit/float images become 8 bit: auto, full_range, minmax, percentile[:LOW,HIGH] "
+                        "(default: the config's data.intensity, else auto)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
     return run(_body, p.parse_args(argv))
 

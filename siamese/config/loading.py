@@ -114,6 +114,12 @@ def check(cfg: ExperimentConfig, where: str = "config") -> None:
     if threshold is not None and (isinstance(threshold, bool) or not 0 <= threshold <= 254):
         fail(f"data.mask_threshold must be an 8-bit gray level in 0..254 or null (automatic: label masks "
              f"(0/1, 0/k ≤ 127, class maps) → foreground = any label, others → gray > 127), got {threshold}")
+    from siamese.data.images import parse_intensity  # here: config loading stays free of OpenCV
+
+    try:
+        parse_intensity(cfg.data.intensity)
+    except ValueError as error:
+        fail(f"data.intensity: {error}")
     if cfg.data.root is None and cfg.data.synthetic_samples <= 0:
         fail("data.synthetic_samples must be > 0 when data.root is null (generated data)")
     for name in PRETRAIN_STAGES:

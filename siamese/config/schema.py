@@ -99,6 +99,9 @@ class DataConfig:
     # Masks: foreground = gray > mask_threshold (0..254). null → automatic: a mask whose values are all in {0, 1} is
     # a label mask (foreground = 1), any other mask uses 127 (the released code's threshold).
     mask_threshold: int | None = None
+    # Images: how 16-bit and float intensities become 8 bit (siamese.data.images): auto (12-bit data in 16-bit
+    # files ×255/4095, other 16-bit ÷257), full_range, minmax, or percentile[:LOW,HIGH] (per image, default 0.5,99.5).
+    intensity: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,14 @@ import numpy as np
 from tqdm import tqdm
 
 from siamese.data.findings import SEVERITIES, WHAT, Finding, Findings, format_findings
-from siamese.data.images import aspect_ratios_differ, decode_image, image_to_rgb8
+from siamese.data.images import Intensity, aspect_ratios_differ, decode_image, image_to_rgb8, parse_intensity
 from siamese.data.layout import PROMPT_FILE, parse_prompt_line, resolve_record_path
 from siamese.data.masks import DEFAULT_THRESHOLD, is_label_mask, mask_to_gray, resolve_threshold
 
 __all__ = ["SEVERITIES", "Finding", "check_dataset", "describe_mask", "format_findings"]
 
 DEFAULT_RESOLUTION = 384  # the paper's training resolution (data.resolution's default)
+NEAR_BLACK = 32  # an image whose brightest pixel reads below this 8-bit level is near-black as training sees it
 
 # ---------------------------------------------------------------------------------------------------- masks
 
@@ -187,11 +188,12 @@ def _label_what(threshold: int | None) -> tuple[str, str]:
 
 
 def check_dataset(root: str | Path, *, resolution: int = DEFAULT_RESOLUTION, threshold: int | None = None,
-                  progress: bool | None = None) -> list[Finding]:
+                  progress: bool | None = None, intensity: Intensity | str | None = None) -> list[Finding]:
     """Check ``root/prompt.json`` (or the JSONL file ``root``) and every file it names; findings, errors first.
 
-    ``resolution`` is ``data.resolution`` and ``threshold`` is ``data.mask_threshold`` (None: automatic), so sizes
-    and masks are judged as training will read them. Files are read one at a time (memory stays bounded); only a
+    ``resolution`` is ``data.resolution``, ``threshold`` is ``data.mask_threshold`` (None: automatic) and
+    ``intensity`` is ``data.intensity`` (None: auto), so sizes, masks and intensities are judged as training will
+    read them. Files are read one at a time (memory stays bounded); only a
     digest per image is kept, for duplicates. ``progress``: a tqdm bar (None: only on a terminal). Raises
     FileNotFoundError when there is no prompt file.
     """
@@ -204,6 +206,7 @@ def check_dataset(root: str | Path, *, resolution: int = DEFAULT_RESOLUTION, thr
         raise ValueError(f"resolution must be a positive int, got {resolution!r}")
     if threshold is not None and not 0 <= threshold <= 254:
         raise ValueError(f"mask threshold {threshold} must lie in 0..254 or be None (automatic)")
+    intensity = parse_intensity(intensity)
     base = prompt_file.resolve().parent
     found = Findings()
     records = _parse(prompt_file, found)
@@ -222,7 +225,7 @@ def check_dataset(root: str | Path, *, resolution: int = DEFAULT_RESOLUTION, thr
         image_uses[image_path].append(record.lineno)
         mask_uses[record.source.resolve()].append(record.lineno)
         image_hw = _check_image(record.target, image_path, line + _shown_path(record.target, base), resolution,
-                                found, None if repeated else digests)
+                                found, None if repeated else digests, intensity)
         mask_result = _check_mask(record.source, line + _shown_path(record.source, base), threshold, found)
         if mask_result is not None:
             masks_checked += 1
@@ -261,12 +264,12 @@ def check_dataset(root: str | Path, *, resolution: int = DEFAULT_RESOLUTION, thr
 
 
 def _check_image(path: Path, resolved: Path, shown: str, resolution: int, found: Findings,
-                 digests: dict[str, list[Path]] | None) -> tuple[int, int] | None:
+                 digests: dict[str, list[Path]] | None, intensity: Intensity) -> tuple[int, int] | None:
     """Decode one image as training does; returns (height, width) or None when it cannot be read."""
     try:
         raw = _read_bytes(path)
         array = decode_image(raw, path)
-        image_to_rgb8(array, path)  # the loader's conversion: rejects unsupported depths / channel counts
+        rgb = image_to_rgb8(array, path, intensity)  # the loader's conversion: rejects unsupported depths / channels
     except (OSError, ValueError) as error:
         found.add("error", "unreadable_file", f"{shown} ({_short(error)})")
         return None
@@ -279,8 +282,13 @@ def _check_image(path: Path, resolved: Path, shown: str, resolution: int, found:
         found.add("info", "gray_image", shown)
     elif channels == 4:
         found.add("info", "alpha_image", shown)
-    if array.dtype == np.uint16:
-        found.add("info", "image_16bit", f"{shown} (max {int(array.max())} → {int(array.max()) // 257})")
+    top, top8 = float(array.max()), int(rgb.max())
+    if array.dtype != np.uint8:
+        found.add("info", "image_16bit", f"{shown} ({array.dtype}, max {top:g} → {top8} by data.intensity {intensity})")
+    if top > 0 and top8 < NEAR_BLACK:
+        fix = "percentile" if intensity.mode != "percentile" else "minmax"
+        found.add("warning", "near_black_image", f"{shown} (max {top:g} → {top8} of 255 by data.intensity "
+                                                 f"{intensity}; data.intensity: {fix} stretches it)")
     if height < resolution or width < resolution:
         found.add("warning", "small_image", f"{shown} ({height}×{width})")
     if height != width:

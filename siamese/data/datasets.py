@@ -20,7 +20,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from siamese.data.images import IMAGE_SUFFIXES, aspect_ratios_differ, header_size, read_image_rgb, resize_image
+from siamese.data.images import (
+    IMAGE_SUFFIXES,
+    Intensity,
+    aspect_ratios_differ,
+    header_size,
+    parse_intensity,
+    read_image_rgb,
+    resize_image,
+)
 from siamese.data.layout import DEFAULT_PROMPT, PROMPT_FILE, read_prompt_jsonl
 from siamese.data.masks import (
     AUTO_THRESHOLD,
@@ -82,7 +90,8 @@ class MaskImageDataset(Dataset):
 
     ``threshold`` (``data.mask_threshold``): ``None`` (automatic) reads each mask whose values are all in {0, 1}
     as a label mask (foreground = 1) and any other at gray > 127; an integer T keeps gray > T for every mask.
-    In the automatic mode a few masks are read at construction to log once which rule applies.
+    In the automatic mode a few masks are read at construction to log once which rule applies. ``intensity``
+    (``data.intensity``): how 16-bit and float images become 8 bit (``siamese.data.images``; default auto).
     """
 
     def __init__(
@@ -93,8 +102,10 @@ class MaskImageDataset(Dataset):
         prompt_override: str | None = None,
         *,
         threshold: int | None = AUTO_THRESHOLD,
+        intensity: Intensity | str | None = None,
     ) -> None:
         self.resolution, self.hint_resolution = _check_resolution(resolution, hint_resolution)
+        self.intensity = parse_intensity(intensity)
         if threshold is not None and (isinstance(threshold, bool) or not 0 <= int(threshold) <= 254):
             raise ValueError(f"threshold {threshold!r} must lie in 0..254 (an 8-bit gray level) or be None (automatic)")
         root = Path(root)
@@ -166,7 +177,7 @@ class MaskImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         record = self.records[index]
         assert record.target is not None  # guaranteed by require_target=True
-        rgb = read_image_rgb(record.target)
+        rgb = read_image_rgb(record.target, self.intensity)
         mask01 = self.read_mask(index)
         # Different sizes are fine (both are resized), different aspect ratios mean the pair cannot line up.
         if aspect_ratios_differ(rgb.shape[:2], mask01.shape):
@@ -179,8 +190,6 @@ class MaskImageDataset(Dataset):
         return make_sample(rgb, mask01, self.resolution, self.hint_resolution, prompt, record.source.stem)
 
 
-
-
 class ImageDataset(Dataset):
     """Unlabelled images with prompts, for base pretraining: items ``image`` (3×R×R in [-1, 1]), ``prompt``, ``name``.
 
@@ -188,22 +197,24 @@ class ImageDataset(Dataset):
     folder of images (searched recursively, hidden files skipped), every image with ``prompt``.
     """
 
-    def __init__(self, paths: list[Path], prompts: list[str], resolution: int) -> None:
+    def __init__(self, paths: list[Path], prompts: list[str], resolution: int,
+                 intensity: Intensity | str | None = None) -> None:
         if not paths:
             raise ValueError("ImageDataset: no images")
         self.paths, self.prompts = paths, prompts
         self.resolution, _ = _check_resolution(resolution, None)
+        self.intensity = parse_intensity(intensity)
 
     @classmethod
-    def from_root(cls, root: str | Path, resolution: int, prompt: str, prompt_override: str | None = None
-                  ) -> ImageDataset:
+    def from_root(cls, root: str | Path, resolution: int, prompt: str, prompt_override: str | None = None,
+                  intensity: Intensity | str | None = None) -> ImageDataset:
         root = Path(root)
         prompt_file = root if root.is_file() else root / PROMPT_FILE
         if prompt_file.is_file():
             records = read_prompt_jsonl(prompt_file, require_target=True)
             paths = [r.target for r in records if r.target is not None]
             prompts = [prompt_override or r.prompt for r in records]
-            return cls(paths, prompts, resolution)
+            return cls(paths, prompts, resolution, intensity)
         if not root.is_dir():
             raise FileNotFoundError(f"data.root: no such folder or prompt file: {root}")
         paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -211,7 +222,7 @@ class ImageDataset(Dataset):
         if not paths:
             raise ValueError(f"data.root {root}: no {PROMPT_FILE} and no images "
                              f"({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}) in it")
-        return cls(paths, [prompt_override or prompt] * len(paths), resolution)
+        return cls(paths, [prompt_override or prompt] * len(paths), resolution, intensity)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -222,7 +233,7 @@ class ImageDataset(Dataset):
         return dataset_record(what, root, self.paths)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        rgb = resize_image(read_image_rgb(self.paths[index]), self.resolution)
+        rgb = resize_image(read_image_rgb(self.paths[index], self.intensity), self.resolution)
         return {"image": torch.from_numpy(_rgb_to_signed(rgb)), "prompt": self.prompts[index],
                 "name": self.paths[index].stem}
 

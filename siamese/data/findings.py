@@ -32,7 +32,10 @@ WHAT = {
     "duplicate_image": "the same image content (sha256) used by several records under different paths",
     "duplicate_path": "the same file path used by several records",
     "gray_image": "single-channel (gray) images: read as RGB with the gray value replicated to 3 channels",
-    "image_16bit": "16-bit images: scaled to 8 bit (value // 257, 65535 → 255), not clipped",
+    "image_16bit": "16-bit or float images: mapped to 8 bit by data.intensity (auto: 12-bit data ×255/4095, other "
+                   "16-bit ÷257, float [0, 1] ×255)",
+    "near_black_image": "images whose brightest pixel reads below 32 of 255 as training sees them (a narrow "
+                        "intensity range: choose data.intensity)",
     "alpha_image": "images with an alpha channel: the alpha channel is dropped (not composited)",
     "small_image": "images smaller than the training resolution: upsampled (bicubic)",
     "non_square": "non-square images: squashed to a square (the aspect ratio is not kept, as in the original)",
