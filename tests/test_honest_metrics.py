@@ -181,3 +181,16 @@ def test_filter_judges_a_background_pair_against_its_own_background(tmp_path):
     assert not verdicts["new_k0"]["nearest_real"].endswith("r03.png")  # its own background is not its nearest
     assert verdicts["same_k0"]["background_similarity"] > verdicts["same_k0"]["background_bound"]
     assert verdicts["new_k0"]["background_similarity"] < verdicts["new_k0"]["background_bound"]
+
+
+def test_background_folders_from_before_the_trajectory_start_are_not_resumed(tmp_path):
+    """Pairs made on backgrounds before the outside started on the background's trajectory differ from today's:
+    resuming such a folder is refused instead of mixing the two."""
+    rgb, mask01 = synthetic_pair(4, 64)
+    source = tmp_path / "m.png"
+    write_png(source, mask_to_png(mask01))
+    item = WorkItem(MaskSource("m", source, "p"), 0, 0)
+    PairWriter(tmp_path / "out", {"backgrounds": "bg"}).write(SampledPair(item, rgb, mask01, mask01))
+    new = PairWriter(tmp_path / "out", {"backgrounds": "bg", "background_start": "first-step"})
+    with pytest.raises(ValueError, match="background_start"):
+        new.check_compatible([item])

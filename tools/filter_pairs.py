@@ -29,7 +29,7 @@ from ldm.regions import image_region
 import numpy as np
 
 from siamese.data.images import read_image_rgb
-from siamese.data.masks import read_mask
+from siamese.data.masks import read_mask, resize_mask
 from siamese.data.pairs import complete_records, conditioning_mask_path
 from siamese.data.provenance import digest_file
 from siamese.evaluation.features import read_dataset_images
@@ -68,6 +68,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _generated_region(record: dict, src: Path, shape: tuple[int, int]) -> np.ndarray:
+    """The image pixels a background-preserving pair generated (``ldm.regions.image_region`` of its conditioning
+    mask), at the saved image's size; for ``--keep-size`` pairs computed on the grid they were sampled at."""
+    mask = read_mask(conditioning_mask_path(record, src))
+    spec, factor = record.get("region", "max-pool"), int(record.get("latent_factor", 8))
+    sampled = tuple(record.get("sampled_size") or shape)
+    if tuple(mask.shape) != sampled:
+        mask = resize_mask(mask, sampled)
+    region = image_region(mask, factor, spec)
+    return region if tuple(region.shape) == tuple(shape) else resize_mask(region, shape)
+
+
 def _own_backgrounds(args: argparse.Namespace, src: Path, records: dict, names: list[str], real_images: list[Path],
                      extractor) -> list[OwnBackground | None]:
     """For each pair made on a background: its region comparison with that background (None for the others)."""
@@ -91,8 +103,7 @@ def _own_backgrounds(args: argparse.Namespace, src: Path, records: dict, names: 
             raise FileNotFoundError(f"{src / 'manifest.jsonl'}: pair {name}: background {background} not found")
         index = by_digest.get(record.get("background_digest") or digest_file(background))
         image = read_image_rgb(src / record["image"])
-        mask = read_mask(conditioning_mask_path(record, src))
-        region = image_region(mask, int(record.get("latent_factor", 8)), record.get("region", "max-pool"))
+        region = _generated_region(record, src, image.shape[:2])
         if not region.any():  # nothing generated: the image is its background
             own[name] = OwnBackground(1.0, 0.0, index)
             continue

@@ -160,6 +160,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                 "erode_kernel": args.erode_kernel,
                 "mask_mode": args.mask_mode, "augment": vars(augment) if args.mask_mode == "random" else None,
                 "precision": args.precision, "ckpt_sha256": "", "config_hash": config_hash(cfg)}
+    if args.background:  # the outside starts on the background's trajectory (lines without this key: pure noise)
+        run_info["background_start"] = "first-step"
     base_model = read_metadata(args.ckpt).get(METADATA_KIND) == "base"
     # Image pixels per latent cell of the saved pairs (before --keep-size): what ldm.regions.image_region needs.
     factor = cfg.model.first_stage.downsample if base_model else HINT_DOWNSAMPLE

@@ -185,7 +185,7 @@ def _same(a: Any, b: Any) -> bool:
 # Settings added to the run info after manifests were first written: a manifest line without one was made with
 # its value here (DDIM before the solvers existed), so resuming such an OUT with the defaults is not refused.
 RUN_INFO_DEFAULTS = {"sampler": "ddim", "cfg_mask": None, "erode": 0, "erode_kernel": "ellipse", "backgrounds": None,
-                    "region": "max-pool"}
+                    "region": "max-pool", "background_start": "noise"}
 
 
 class PairWriter:
@@ -258,11 +258,12 @@ class PairWriter:
         """Image, then mask, then (unless already recorded) the manifest line. Returns the record."""
         image_path, mask_path = self.paths(pair.item.name)
         image, mask01 = pair.image, pair.mask01
+        record = self.record(pair.item)
         if self.keep_size:
+            record["sampled_size"] = list(image.shape[:2])  # the size generated at (the latent region's grid)
             height, width = pair.source_mask01.shape
             image = resize_image(image, (height, width))
             mask01 = resize_mask(pair.source_mask01, (height, width))
-        record = self.record(pair.item)
         if pair.background is not None:
             record["background"] = self.relative(pair.background)
             record["background_digest"] = digest_file(pair.background)
