@@ -6,8 +6,10 @@ exist``, which in turn breaks ``import pytorch_lightning`` and ``import open_cli
 torchvision's C++ operators, so when (and only when) the extension fails to load we declare the two operator
 schemas torchvision's Python code looks up at import time. A working (GPU) install is left untouched.
 
-Every package of this project imports this module first, so every process (pytest, Lightning-launched ranks, the
-CLIs) gets the shim before torchvision is first imported.
+Every package of this project imports this module first. It imports nothing heavy itself: it puts a finder at the
+front of ``sys.meta_path`` that applies the shim the moment torchvision is first imported (by open_clip, Lightning,
+torchmetrics, …), so every process (pytest, Lightning-launched ranks, the CLIs) gets it in time, and a process that
+never imports torchvision (``--help``) never pays for importing torch.
 """
 
 from __future__ import annotations
@@ -56,4 +58,22 @@ def apply() -> bool:
     return True
 
 
-apply()
+class _ShimOnImport:
+    """A ``sys.meta_path`` finder that applies the shim just before the first ``import torchvision`` and then leaves
+    the import to the normal finders."""
+
+    def find_spec(self, name, path=None, target=None):  # noqa: ANN001, ANN201 (the importlib protocol)
+        if name == "torchvision":
+            _remove_finder()
+            apply()
+        return None
+
+
+def _remove_finder() -> None:
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _ShimOnImport)]
+
+
+if "torchvision" in sys.modules:
+    apply()  # already imported (by code that ran before this package): nothing to defer
+elif not any(isinstance(finder, _ShimOnImport) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _ShimOnImport())

@@ -19,8 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import QuickGELU, TextTransformer
 from torch import Tensor, nn
 
 __all__ = [
@@ -68,8 +66,10 @@ class TextEncoderConfig:
 
 
 @functools.lru_cache(maxsize=1)
-def _bpe_tokenizer() -> SimpleTokenizer:
+def _bpe_tokenizer():  # open_clip imported here, not at module import: configs and --help stay fast
     # Reading and parsing the bundled BPE merges takes ~0.5 s; share one instance across all encoders.
+    from open_clip.tokenizer import SimpleTokenizer
+
     return SimpleTokenizer()
 
 
@@ -230,6 +230,8 @@ class FrozenCLIPTextEncoder(nn.Module):
 
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
+        from open_clip.transformer import QuickGELU, TextTransformer  # here: importing this module stays fast
+
         self.config = config
         self.text = TextTransformer(
             context_length=config.context_length,
