@@ -196,7 +196,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
     s.add_argument("--force", action="store_true", help="replace an existing --out")
     add_common_flags(s)
-    return p.parse_args(argv)
+    # Subcommands rule out parse_intermixed_args: KEY=VALUE words after the options are taken as overrides here.
+    args, extra = p.parse_known_args(argv)
+    stray = [word for word in extra if word.startswith("-") or "=" not in word or args.command != "train"]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def _body(args: argparse.Namespace) -> int:

@@ -40,7 +40,6 @@ import torch
 from torch.utils.data import Dataset
 
 from cldm.convert import FIRST_STAGE_PREFIX, check_against_model, to_float32, training_to_model_keys
-from cldm.pretrain import AutoencoderModule, LatentDiffusionModule, latent_scale_factor
 from siamese.config import (
     PRETRAIN_STAGES,
     ConfigError,
@@ -125,6 +124,7 @@ def pretrain_autoencoder(cfg: ExperimentConfig, *, resume: str | None, force: bo
     if init:
         load_strict(first_stage, init).raise_if_bad(f"{cfg.train.init_ckpt} ({FIRST_STAGE_PREFIX}*)")
     perceptual = PerceptualDistance.from_file(ae.perceptual_weights) if ae.perceptual_weight > 0 else None
+    from cldm.pretrain import AutoencoderModule, latent_scale_factor  # Lightning: imported when training starts
 
     def build(c: ExperimentConfig) -> tuple[AutoencoderModule, Dataset]:
         module = AutoencoderModule(first_stage, lr=c.train.lr, kl_weight=ae.kl_weight, perceptual=perceptual,
@@ -190,6 +190,8 @@ def pretrain_unet(cfg: ExperimentConfig, first_stage: dict[str, torch.Tensor], *
                               f"{unknown[0]}; is it an SD checkpoint of this geometry?")
         state.update({k: v for k, v in init.items() if k in state and not k.endswith("position_ids")})
         load_strict(net, state).raise_if_bad("base model")
+
+    from cldm.pretrain import LatentDiffusionModule  # Lightning: imported when training starts
 
     def build(c: ExperimentConfig) -> tuple[LatentDiffusionModule, Dataset]:
         unet_cfg = cfg.pretrain.unet
@@ -262,7 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="redo finished stages and overwrite --out")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     add_common_flags(p)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # KEY=VALUE overrides may come between and after the options
 
 
 def _body(args: argparse.Namespace) -> int:

@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="torch device (default: the accelerator if any, else cpu)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     add_common_flags(p)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # KEY=VALUE overrides may come between and after the options
 
 
 def _body(args: argparse.Namespace) -> int:

@@ -27,18 +27,13 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from cldm.callbacks import AtTrainStart, EMACallback, FinalCheckpoint, ImageLogger, MaskValidation, StepProgressBar
 from cldm.checkpoints import find_latest_checkpoint
 from cldm.data_order import StepSampler
-from cldm.lightning import ControlNetModule, TrainModule, TrainSettings
-from cldm.strategy import AtomicCheckpointIO, make_strategy
 from siamese.config import (
     ConfigError,
     ExperimentConfig,
@@ -51,7 +46,6 @@ from siamese.config import (
 from siamese.data.datasets import MaskImageDataset
 from siamese.data.provenance import Provenance, external
 from siamese.factory import add_adapters, build_dataset, build_model, load_weights
-from siamese.lightning import SiameseModule
 from siamese.run_dir import (
     UNIVERSAL_DIR,
     is_first_process,
@@ -65,6 +59,12 @@ from siamese.run_dir import (
     run_provenance,
 )
 
+if TYPE_CHECKING:  # Lightning is imported where a trainer is built, so --help and the config tools stay fast
+    import pytorch_lightning as pl
+
+    from cldm.callbacks import MaskValidation
+    from cldm.lightning import ControlNetModule, TrainModule
+
 logger = logging.getLogger("siamese.train")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "siamese_tiny.yaml"
 _STEP_RE = re.compile(r"step=(\d+)")
@@ -72,6 +72,9 @@ __all__ = ["build_module", "check_paths", "checkpoint_dir", "find_latest_checkpo
 
 
 def build_module(cfg: ExperimentConfig, *, unsafe_pickle: bool = False) -> ControlNetModule:
+    from cldm.lightning import ControlNetModule, TrainSettings
+    from siamese.lightning import SiameseModule
+
     net = build_model(cfg.model)
     if cfg.train.init_ckpt:
         check_same_latents(cfg, cfg.train.init_ckpt, f"train.init_ckpt {cfg.train.init_ckpt}")
@@ -115,6 +118,8 @@ def make_loggers(cfg: ExperimentConfig) -> list:
     out, kind = Path(cfg.train.output_dir), cfg.train.logger
     loggers = []
     if kind in ("csv", "both"):
+        from pytorch_lightning.loggers import CSVLogger
+
         loggers.append(CSVLogger(out, name="logs"))
     if kind in ("tensorboard", "both"):
         from pytorch_lightning.loggers import TensorBoardLogger
@@ -124,6 +129,8 @@ def make_loggers(cfg: ExperimentConfig) -> list:
 
 
 def validation_callback(cfg: ExperimentConfig) -> MaskValidation:
+    from cldm.callbacks import MaskValidation
+
     """Fixed held-out masks (``train.val_masks``, or generated ones the training never sees) with fixed seeds, scored
     by mask fidelity: Dice of a segmentation of each sample against its mask (``train.val_segmenter``, or the colour
     rule of the generated domain; without either, only the grid is logged)."""
@@ -187,6 +194,12 @@ def provenance_metadata(run: Path) -> Callable[[], dict[str, str]]:
 
 
 def make_trainer(cfg: ExperimentConfig, *, load_universal: bool = False) -> pl.Trainer:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from cldm.callbacks import EMACallback, FinalCheckpoint, StepProgressBar
+    from cldm.strategy import AtomicCheckpointIO, make_strategy
+
     t = cfg.train
     accelerator = t.accelerator if t.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     devices = t.devices if t.devices != -1 else (1 if accelerator == "cpu" else "auto")
@@ -226,6 +239,10 @@ def train(cfg: ExperimentConfig, *, resume: str | Path | None = None, force: boo
     checkpoint's records and its dataset's (``training_provenance``); a resumed run keeps the file it has. The EMA
     export, ``zero_to_fp32.py`` and ``tool_merge_control.py`` carry it on.
     """
+    import pytorch_lightning as pl
+
+    from cldm.callbacks import AtTrainStart, ImageLogger
+
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     # The frozen VAE and text encoder stay in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -303,7 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="allow checkpoints (init or resumed) whose pickles hold arbitrary Python objects: trusted "
                         "files only")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # KEY=VALUE overrides may come between and after the options
 
 
 def main(argv: list[str] | None = None) -> int:
