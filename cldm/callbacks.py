@@ -180,9 +180,28 @@ class StepProgressBar(TQDMProgressBar):
 
     The recipe counts steps (3000), not epochs; Lightning's own bar restarts every epoch and shows ``Epoch 0/-2``
     when only ``max_steps`` is set. A resumed run's bar starts at its step; the rate counts only the new steps.
+    When the output is not a terminal (a log file, CI, ``nohup``), there is no bar: one log line every
+    ``max_steps / lines`` steps (and at the last step) with the step, the rate, the time left and the metrics, instead
+    of thousands of carriage-return updates.
     """
 
+    def __init__(self, *args, lines: int = 20, interactive: bool | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lines = max(1, int(lines))
+        self.interactive = interactive  # None: whether stderr is a terminal
+        self._plain: dict | None = None  # non-terminal mode: the state of the log lines
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import sys
+        import time
+
+        interactive = sys.stderr.isatty() if self.interactive is None else self.interactive
+        if not interactive:
+            total = trainer.max_steps if trainer.max_steps > 0 else 0
+            self._plain = {"start": time.monotonic(), "from": trainer.global_step, "total": total,
+                           "every": max(1, total // self.lines) if total else 50}
+            self.disable()
+            return
         super().on_train_start(trainer, pl_module)
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
@@ -193,14 +212,39 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: pl.Trainer, *args) -> None:
         pass  # one bar for the run: no reset per epoch
 
+    def _log_line(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        state, step = self._plain, trainer.global_step
+        if step == state.get("last") or (step % state["every"] and step != state["total"]):
+            return
+        state["last"] = step
+        elapsed = time.monotonic() - state["start"]
+        rate = (step - state["from"]) / elapsed if elapsed > 0 else 0.0
+        left = f", {(state['total'] - step) / rate / 60:.1f} min left" if rate > 0 and state["total"] else ""
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        shown = " ".join(f"{k}={v}" for k, v in metrics.items())
+        total = f"/{state['total']}" if state["total"] else ""
+        logger.info("step %d%s (%.2f steps/s%s) %s", step, total, rate, left, shown)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        if self._plain is not None:
+            if trainer.is_global_zero:
+                self._log_line(trainer, pl_module)
+            return
         bar, step = self.train_progress_bar, trainer.global_step
         if self._should_update(step, bar.total or 0) and not bar.disable:
             bar.n = step
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.refresh()
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._plain is None:
+            super().on_train_end(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._plain is not None:
+            return
         if not self.train_progress_bar.disable:
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
