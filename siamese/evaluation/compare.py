@@ -281,9 +281,9 @@ def verdict(result: dict) -> list[str]:
                          f"{', '.join(wins)} (best {best['label']}: {_cell(best)}).")
         else:
             lower = [s["label"] for s in mixed if s["vs_real"] == "lower"]
-            lines.append(f"{name}: **no gain** from real + synthetic over real only ({_cell(base)}): the best, "
-                         f"{best['label']}, reaches {_cell(best)}" + (f"; lower beyond the spread: {', '.join(lower)}"
-                                                                      if lower else "") + ".")
+            lines.append(f"{name}: **no gain** from real + synthetic over real only ({_cell(base)}) beyond the "
+                         f"spread: the best, {best['label']}, reaches {_cell(best)}" +
+                         (f"; lower beyond the spread: {', '.join(lower)}" if lower else "") + ".")
         pairs = {(s["arm"], s["ratio"]): s for s in g["schedules"] if s["pool"] == "all"}
         moved = [f"{s['label']} {_cell(s)} vs {_cell(pairs[(s['arm'], s['ratio'])])}" for s in g["schedules"]
                  if s["pool"] == "filtered" and (s["arm"], s["ratio"]) in pairs
@@ -391,7 +391,7 @@ def comparison_plot(result: dict, path: Path) -> Path:
     ax.set_xticks(x, [lb.replace(" (", "\n(") for lb in labels], fontsize=7)
     ax.set_ylabel("mDice on the real test split")
     ax.set_title("Downstream segmentation per schedule and generator", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right", ncol=len(names) + 1)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
