@@ -1,4 +1,5 @@
-"""Build the initial ControlNet checkpoint from SD1.5 weights: `python tool_add_control.py SD_CKPT OUT` (see --help)."""
+"""Build the initial ControlNet checkpoint from SD1.5 weights (one file or a diffusers folder):
+`python tool_add_control.py SD_CKPT OUT` (see --help; docs/sd15_weights.md)."""
 
 import sys
 

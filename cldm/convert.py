@@ -10,20 +10,27 @@ what it did; the command-line tools in ``tools/`` add file I/O and printing.
 - ``training_to_model_keys``: a training checkpoint (Lightning module names, text tower in open_clip layout) →
   the model's own key names (the original layout).
 - ``merge_weights``: trained weights overlaid on a full base checkpoint.
+- ``load_sd_weights``: any SD1.x base a user has (a single file, or a diffusers folder via
+  ``cldm.diffusers_import``) → one state dict in the original layout, saying which layout it saw.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from ldm.checkpoint import CheckpointKeyError, KeyReport, compare_keys
+from ldm.checkpoint import CheckpointKeyError, KeyReport, compare_keys, load_state_dict
+from ldm.schedule import Schedule
 from ldm.text_encoder import open_clip_to_sd15
 
 import torch
 from torch import Tensor
 
+from cldm.diffusers_import import MODEL_INDEX, SDGeometry, from_diffusers
 from cldm.hint import build_hint_encoder
 from cldm.model import SD15_TEXT_PREFIX, ControlLDM
 
@@ -299,3 +306,92 @@ def select(state: Mapping[str, Tensor], names: Iterable[str]) -> dict[str, Tenso
     if missing:
         raise CheckpointKeyError(f"{len(missing)} keys missing ({_names(missing)})")
     return {n: state[n] for n in names}
+
+
+@dataclass
+class SDWeights:
+    """An SD1.x base in the original layout, and what it was read from."""
+
+    state: dict[str, Tensor]
+    layout: str  # "diffusers folder" or "single file (.safetensors)", "single file (.ckpt)", ...
+    files: list[Path]  # every weight file read (a folder's provenance digests them)
+    geometry: SDGeometry | None = None  # what a diffusers folder's config files say (single files carry none)
+    notes: list[str] = field(default_factory=list)  # what was done to reach the plain layout
+
+
+_EMA = "model_ema."
+_EMA_SCALARS = (_EMA + "decay", _EMA + "num_updates")
+_SD15_TEXT = TEXT_PREFIX + SD15_TEXT_PREFIX
+
+
+def normalize_single_file(state: dict[str, Tensor], *, expected: Mapping[str, Any] | None = None,
+                          use_ema: bool = False, where: str = "checkpoint") -> list[str]:
+    """Bring a single-file SD state dict to the plain layout, in place; returns notes on what it changed.
+
+    The UNet's EMA copy (``model_ema.*``, the original's dot-less names: ``model_ema.diffusion_modelout0weight``) is
+    taken when the file holds no ``model.diffusion_model.*`` or with ``use_ema``; its names are restored against
+    ``expected`` (the model's keys; the file's own UNet keys when None). Text keys without ``text_model.`` (older
+    transformers) get it; 2-D VAE attention weights (a linear save) get their 1×1 dimensions.
+    """
+    notes = []
+    if not any(k.startswith((*SD_PREFIXES, _EMA)) for k in state) and any(
+            k.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.", "encoder.layers.")) for k in state):
+        raise CheckpointKeyError(f"{where}: holds one diffusers/transformers network ({_names(sorted(state), 3)}), "
+                                 f"not a whole Stable Diffusion checkpoint: pass the folder with {MODEL_INDEX}")
+    ema = [k for k in state if k.startswith(_EMA) and k not in _EMA_SCALARS]
+    has_unet = any(k.startswith(UNET_PREFIX) for k in state)
+    if ema and (use_ema or not has_unet):
+        names = [k for k in (state if expected is None else expected) if k.startswith(UNET_PREFIX)]
+        flat = {_EMA + k[len("model."):].replace(".", ""): k for k in names}
+        if not names or len(flat) != len(names):
+            raise CheckpointKeyError(f"{where}: holds the UNet only as its EMA copy (model_ema.*), whose names can be "
+                                     "restored only against the model's keys")
+        missing = [k for k in flat if k not in state]
+        if missing:
+            raise CheckpointKeyError(f"{where}: the EMA copy (model_ema.*) lacks {len(missing)} of the model's "
+                                     f"{len(flat)} UNet tensors ({_names(missing)}); is --config the right one?")
+        for flat_key, key in flat.items():
+            state[key] = state.pop(flat_key)
+        notes.append(f"UNet from the EMA copy (model_ema.*, {len(flat)} tensors" +
+                     ("; the model.diffusion_model.* weights are not used)" if has_unet else "; the file holds no "
+                      "model.diffusion_model.*)"))
+    elif ema:
+        notes.append(f"{len(ema)} model_ema.* tensors (the EMA copy of the UNet) ignored, as the original "
+                     "tool_add_control.py does (--ema takes them instead)")
+    old = TEXT_PREFIX + "transformer."
+    legacy = [k for k in state if k.startswith(old) and not k.startswith(_SD15_TEXT)]
+    for key in legacy:
+        state[_SD15_TEXT + key[len(old):]] = state.pop(key)
+    if legacy:
+        notes.append(f"{len(legacy)} text-encoder keys without text_model. (older transformers) renamed")
+    linear = [k for k, v in state.items() if k.startswith(FIRST_STAGE_PREFIX) and v.dim() == 2
+              and re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", k)]
+    for key in linear:
+        state[key] = state[key][:, :, None, None]
+    if linear:
+        notes.append(f"{len(linear)} VAE attention weights stored as linear [C, C] given their 1×1 dimensions")
+    return notes
+
+
+def load_sd_weights(path: str | Path, *, expected: Mapping[str, Any] | None = None, unsafe_pickle: bool = False,
+                    use_ema: bool = False) -> SDWeights:
+    """An SD1.x base from a single file (``ldm.checkpoint.load_state_dict``'s formats and safe-loading rule, then
+    ``normalize_single_file``) or a diffusers folder (``cldm.diffusers_import.from_diffusers``), in the original
+    layout. Any other folder fails in ``ldm.checkpoint`` naming what it looks like (a ZeRO run: zero_to_fp32.py).
+    Tensors keep their dtype (``add_control`` casts fp16 to the model's)."""
+    path = Path(path)
+    if path.is_dir() and (path / MODEL_INDEX).is_file():
+        if use_ema:
+            raise ValueError(f"{path}: --ema applies to single-file checkpoints; a diffusers folder holds one UNet")
+        parts = from_diffusers(path, unsafe_pickle=unsafe_pickle)
+        state = {UNET_PREFIX + k: v for k, v in parts.unet.items()}
+        state.update({FIRST_STAGE_PREFIX + k: v for k, v in parts.vae.items()})
+        state.update({_SD15_TEXT + k: v for k, v in parts.text_encoder.items()})
+        if parts.geometry.schedule is not None:  # the 13 buffers an SD1.x single file carries, from scheduler/
+            schedule = parts.geometry.schedule
+            state.update(Schedule.from_config(schedule["beta_schedule"], schedule["timesteps"],
+                                              schedule["linear_start"], schedule["linear_end"]).buffers())
+        return SDWeights(state, "diffusers folder", parts.files, parts.geometry, parts.notes)
+    state = load_state_dict(path, unsafe_pickle=unsafe_pickle)
+    notes = normalize_single_file(state, expected=expected, use_ema=use_ema, where=str(path))
+    return SDWeights(state, f"single file ({path.suffix.lower()})", [path], None, notes)

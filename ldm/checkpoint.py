@@ -47,14 +47,35 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def describe_directory(path: Path) -> str:
+    """Why a folder is no checkpoint (one line): a diffusers folder, a ZeRO run (zero_to_fp32.py), or what it holds."""
+    try:
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    except OSError as exc:
+        return f"{path} is a directory, not a checkpoint file, and cannot be listed ({exc.strerror})"
+    names = {e.rstrip("/") for e in entries}
+    parts = [p for p in ("unet/", "vae/", "text_encoder/") if p in entries]
+    if "model_index.json" in names:
+        what = "a diffusers pipeline folder (model_index.json): tool_add_control.py takes it, this step needs a file"
+    elif parts:
+        what = f"it holds {', '.join(parts)} like a diffusers pipeline folder, but no model_index.json"
+    elif "config.json" in names and any(n.startswith(("diffusion_pytorch_model", "model.")) for n in names):
+        what = "one part of a diffusers folder: pass the pipeline folder above it, the one with model_index.json"
+    elif names & {"latest", "mp_rank_00_model_states.pt", "checkpoints"} or path.suffix == ".ckpt" or any(
+            n.endswith(("_optim_states.pt", ".ckpt")) for n in names):
+        what = "a DeepSpeed ZeRO checkpoint or training run: convert it with zero_to_fp32.py first"
+    else:
+        more = f", ... {len(entries) - _LIST_LIMIT} more" if len(entries) > _LIST_LIMIT else ""
+        what = (f"it holds {', '.join(entries[:_LIST_LIMIT]) + more or 'nothing'} (expected a checkpoint file, a "
+                "diffusers folder with model_index.json, or a DeepSpeed ZeRO checkpoint for zero_to_fp32.py)")
+    return f"{path} is a directory, not a checkpoint file: {what}"
+
+
 def _check_readable(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
-        raise IsADirectoryError(
-            f"{path} is a directory, not a checkpoint file (a DeepSpeed ZeRO checkpoint? convert it with "
-            f"zero_to_fp32.py first)"
-        )
+        raise IsADirectoryError(describe_directory(path))
 
 
 def _load_pickle(path: Path, *, unsafe_pickle: bool, map_location: str | torch.device,
@@ -109,7 +130,7 @@ def _unwrap(obj: Any, path: Path) -> Mapping[str, Any]:
             dropped = sorted(str(k) for k in obj if k != key)
             if dropped:
                 logger.debug("%s: using the nested %r dict; ignoring top-level entries %s", path, key, dropped)
-            return inner
+            return _unwrap(inner, path)  # some merges nest {"state_dict": {"state_dict": ...}}
     return obj
 
 
