@@ -78,11 +78,13 @@ def _check_unique(sources: list[MaskSource]) -> list[MaskSource]:
     return sources
 
 
-def collect_masks(masks: str | Path, *, default_prompt: str, prompt_override: str | None = None) -> list[MaskSource]:
+def collect_masks(masks: str | Path, *, default_prompt: str | None, prompt_override: str | None = None
+                  ) -> list[MaskSource]:
     """The masks to sample from: a folder of mask images (one prompt for all) or a prompt JSONL.
 
     Folder: every ``.png/.jpg/.jpeg/.bmp/.tif/.tiff`` file directly inside it (sorted; hidden files skipped), with
-    ``prompt_override`` or ``default_prompt``. JSONL (``prompt.json``): its ``source`` and ``prompt`` keys only — a
+    ``prompt_override`` or ``default_prompt`` (the model's ``sample.prompt``: its training data's prompt; None with
+    neither is refused). JSONL (``prompt.json``): its ``source`` and ``prompt`` keys only — a
     ``target`` image is neither needed nor read; ``prompt_override`` replaces every line's prompt when given.
     """
     path = Path(masks)
@@ -92,6 +94,9 @@ def collect_masks(masks: str | Path, *, default_prompt: str, prompt_override: st
         if not files:
             raise ValueError(f"no mask images ({'/'.join(s[1:] for s in MASK_SUFFIXES)}) in folder {path}")
         prompt = prompt_override if prompt_override is not None else default_prompt
+        if prompt is None:
+            raise ValueError(f"masks in folder {path} carry no prompt and the model records none (sample.prompt is "
+                             "null: it was not trained on data yet); pass --prompt \"...\"")
         return _check_unique([MaskSource(p.stem, p, prompt) for p in files])
     if path.is_file():
         records = read_prompt_jsonl(path, require_target=False)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cldm.model import ControlLDM
-from siamese.config import checkpoint_metadata, load_config
+from siamese.config import checkpoint_metadata, load_config, with_data_prompt
+from siamese.data.layout import DEFAULT_PROMPT
 from siamese.data.pairs import MANIFEST_NAME
 from siamese.data.synthetic import write_synthetic_dataset
 from siamese.factory import build_model, load_weights
@@ -29,7 +30,8 @@ NAMES = [f"synthetic_{i:06d}_k{k}" for k in range(2) for i in range(3)]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inference")
-    cfg = load_config(TINY)
+    # As a merged checkpoint of a training run records it: sample.prompt resolved to the training data's prompt.
+    cfg, _ = with_data_prompt(load_config(TINY), [DEFAULT_PROMPT])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     with torch.no_grad():  # a fresh model has zero convolutions (ControlNet) and a zero UNet output: ε ≡ 0,

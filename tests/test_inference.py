@@ -205,7 +205,7 @@ def test_cli_with_a_solver_and_mask_guidance(env: dict[str, Path], base_out: Pat
     # The config's sample.sampler / sample.cfg_mask are the defaults of the flags.
     other = tmp_path / "from_config"
     assert run_cli(cli(env, other, "--limit", "1", "--config", str(TINY), "sample.sampler=unipc",
-                       "sample.cfg_mask=1.5"))["generated"] == 1
+                       "sample.cfg_mask=1.5", "sample.prompt=A photo of a polyp."))["generated"] == 1
     assert {(r["sampler"], r["cfg_mask"]) for r in manifest_lines(other)} == {("unipc", 1.5)}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from ldm.checkpoint import save_state_dict
@@ -103,7 +104,7 @@ def _bad_inputs(env: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str], i
         "same stem": (base + ["--masks", str(tmp / "dup")], 1, "share the name 'a'"),
         "bad JSONL line": (base + ["--masks", str(tmp / "prompt.json")], 1, "prompt.json:2"),
         "missing keys": (["--ckpt", str(tmp / "partial.safetensors"), "--masks", str(env["masks"]), "--out", out,
-                          "--steps", "1", "--limit", "1"], 1,
+                          "--steps", "1", "--limit", "1", "--prompt", "p"], 1,
                          "partial.safetensors: cannot load state dict into ControlLDM: 1 missing (control_model."),
         "no config": (["--ckpt", str(tmp / "bare.safetensors"), "--masks", str(env["masks"]), "--out", out], 2,
                       "pass --config"),
@@ -131,7 +132,9 @@ def test_bad_inputs_give_one_line_errors(env: dict[str, Path], tmp_path: Path,
 
 def test_config_flag_wins_over_the_checkpoint_with_a_warning(env: dict[str, Path],
                                                              caplog: pytest.LogCaptureFixture) -> None:
-    assert resolve_config(None, [], env["ckpt"]) == load_config(TINY)  # from the metadata
+    stored = resolve_config(None, [], env["ckpt"])  # from the metadata: the tiny config, its data's prompt resolved
+    assert stored == replace(load_config(TINY), sample=replace(load_config(TINY).sample, prompt=stored.sample.prompt))
+    assert stored.sample.prompt is not None
     with caplog.at_level(logging.WARNING):
         cfg = resolve_config(TINY, ["sample.steps=7"], env["ckpt"])
     assert cfg.sample.steps == 7

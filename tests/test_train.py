@@ -67,7 +67,13 @@ def test_tiny_training_writes_zero2_checkpoints_config_and_images(trained):
     tag = (out / "checkpoints" / "step=4.ckpt" / "latest").read_text().strip()
     files = {p.name for p in (out / "checkpoints" / "step=4.ckpt" / tag).iterdir()}
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in files
-    assert load_config(out / "config.yaml") == cfg  # the resolved config round-trips
+    # The resolved config round-trips, sample.prompt (null) resolved to the training data's prompt.
+    from siamese.config import with_data_prompt
+    from siamese.data.layout import DEFAULT_PROMPT
+
+    saved = load_config(out / "config.yaml")
+    assert cfg.sample.prompt is None and saved.sample.prompt == DEFAULT_PROMPT
+    assert saved == with_data_prompt(cfg, [DEFAULT_PROMPT])[0]
     assert sorted(p.name for p in (out / "images").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
     # EMA of the trainable weights: exported, and it lags the live weights (decay 0.5 over 4 steps).
     from ldm.checkpoint import load_state_dict

@@ -242,7 +242,8 @@ class Demo:
     def sample(self, model: str, mode: str) -> None:
         s = self.settings
         self.tool(f"sample {model}", "python tutorial_inference.py", inference.main,
-                  ["--ckpt", str(self.model_file(model)), "--masks", str(self.path("split", "train", "masks")), "--out",
+                  ["--ckpt", str(self.model_file(model)), "--masks", str(self.path("split", "train", "prompt.json")),
+                   "--out",
                    str(self.synth_dir(model, mode)), "--limit", str(s.pairs), "--mask-mode", mode, "--steps",
                    str(s.sample_steps), "--cfg", str(s.cfg), "--seed", str(s.seed), "--batch-size", "8"])
 

@@ -150,6 +150,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                           shift_frac=args.shift_frac)
 
     sources = collect_masks(args.masks, default_prompt=cfg.sample.prompt, prompt_override=args.prompt)
+    if args.prompt is None and Path(args.masks).is_dir():
+        logger.info("masks from a folder: prompt %r (the model's sample.prompt: its training data's prompt unless "
+                    "its config set one; --prompt overrides)", cfg.sample.prompt)
     every = make_items(sources, args.n_per_mask, args.seed, args.limit)
     backgrounds = collect_backgrounds(args.background) if args.background else None
     shard = parse_shard(args.shard) if args.shard else (0, 1)
@@ -234,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--masks", type=Path, required=True,
                     help="folder of masks (png/jpg/jpeg/bmp/tif/tiff) or a prompt.json JSONL (source + prompt)")
     io.add_argument("--out", type=Path, required=True, help="output folder (images/, masks/, manifest.jsonl)")
-    io.add_argument("--prompt", help="prompt for every mask (default: the config's sample.prompt for a folder, "
-                                     "each line's prompt for a JSONL)")
+    io.add_argument("--prompt", help="prompt for every mask (default for a folder: the checkpoint's sample.prompt, "
+                                     "which training sets to its data's prompt; for a JSONL each line's prompt)")
     io.add_argument("--keep-size", action="store_true",
                     help="save each pair at its source mask's size (image resized; mask = the source mask) instead "
                          "of the model resolution")

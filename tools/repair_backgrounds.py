@@ -86,6 +86,9 @@ def _body(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     prompt = args.prompt or cfg.data.prompt or cfg.sample.prompt
+    if not prompt:
+        raise ValueError(f"{args.ckpt}: its config records no prompt (data.prompt and sample.prompt are null); pass "
+                         "--prompt \"...\" (the healthy tissue's prompt)")
     items = repair_items(args.data, prompt=prompt, seed=args.seed, limit=args.limit)
     if args.out.resolve() == Path(args.data).resolve():
         raise ValueError(f"--out {args.out} is the dataset folder; the dataset is never modified")

@@ -42,8 +42,9 @@ from siamese.config import (
     load_config,
     save_config,
     to_yaml,
+    with_data_prompt,
 )
-from siamese.data.datasets import MaskImageDataset
+from siamese.data.datasets import MaskImageDataset, dataset_prompts
 from siamese.data.provenance import Provenance, external
 from siamese.factory import add_adapters, build_dataset, build_model, load_weights
 from siamese.run_dir import (
@@ -257,6 +258,9 @@ def train(cfg: ExperimentConfig, *, resume: str | Path | None = None, force: boo
         module, dataset = build_module(cfg, unsafe_pickle=unsafe_pickle), build_dataset(cfg)
     else:
         module, dataset = build(cfg)
+    cfg, said = with_data_prompt(cfg, dataset_prompts(dataset))
+    if said and is_first_process():
+        logger.info("%s", said)
     if isinstance(dataset, MaskImageDataset):
         dataset.check_pairs()  # every pair's aspect ratio from the file headers: fail now, not an hour in
     if ckpt is None and is_first_process():

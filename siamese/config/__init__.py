@@ -10,7 +10,16 @@ May import ``ldm``, ``cldm`` and the method's own small value types (``siamese.l
 nothing here builds a network (``siamese.factory`` does).
 """
 
-from siamese.config.loading import ConfigError, check, config_hash, load_config, save_config, stage_config, to_yaml
+from siamese.config.loading import (
+    ConfigError,
+    check,
+    config_hash,
+    load_config,
+    save_config,
+    stage_config,
+    to_yaml,
+    with_data_prompt,
+)
 from siamese.config.maskgen import PREDICTIONS, MaskGenConfig, MaskUNetSettings
 from siamese.config.metadata import (
     METADATA_CONFIG,
@@ -45,5 +54,5 @@ __all__ = [
     "FirstStageConfig", "MaskGenConfig", "MaskUNetSettings", "MethodConfig", "ModelConfig", "PretrainConfig",
     "SampleConfig", "ScheduleConfig", "TrainConfig", "UNetPretrain", "check", "check_same_latents",
     "checkpoint_metadata", "checkpoint_provenance", "config_from_metadata", "config_hash", "load_config",
-    "save_config", "stage_config", "to_yaml",
+    "save_config", "stage_config", "to_yaml", "with_data_prompt",
 ]

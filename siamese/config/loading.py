@@ -158,6 +158,23 @@ def stage_config(cfg: ExperimentConfig, stage: str) -> ExperimentConfig:
     return replace(cfg, train=train)
 
 
+def with_data_prompt(cfg: ExperimentConfig, prompts: list[str]) -> tuple[ExperimentConfig, str | None]:
+    """``sample.prompt: null`` resolved to the training data's prompt (the most common one), with a line saying so; an
+    explicit ``sample.prompt`` is kept, and so is null for data without prompts (message None). The resolved
+    config is what the run saves and every checkpoint it exports embeds, so sampling from a mask folder,
+    validation and the image log use the data's prompt unless told otherwise."""
+    if cfg.sample.prompt is not None or not prompts:
+        return cfg, None
+    counts: dict[str, int] = {}
+    for prompt in prompts:
+        counts[prompt] = counts.get(prompt, 0) + 1
+    top = max(counts, key=lambda p: (counts[p], -list(counts).index(p)))
+    others = f"; {len(counts) - 1} other prompt(s) keep theirs in prompt.json lines" if len(counts) > 1 else ""
+    message = (f"sample.prompt: {top!r}, the training data's prompt ({counts[top]} of {len(prompts)} pairs{others}); "
+               "sampling from a mask folder uses it unless --prompt is given")
+    return replace(cfg, sample=replace(cfg.sample, prompt=top)), message
+
+
 def to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

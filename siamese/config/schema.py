@@ -142,7 +142,9 @@ class SampleConfig:
     steps: int = 50
     eta: float = 0.0
     cfg_scale: float = 9.0
-    prompt: str = "A photo of a polyp."
+    # null: the training data's prompt (the most common one), resolved when training starts and saved in the run's
+    # config and every checkpoint it exports; a string here wins (siamese.config.with_data_prompt).
+    prompt: str | None = None
     sampler: str = "ddim"  # ddim | dpmpp_2m | unipc (ldm.solvers; the solvers need eta 0)
     cfg_mask: float | None = None  # separate guidance of the mask (InstructPix2Pix eq. 3); null: text guidance only
 

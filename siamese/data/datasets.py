@@ -41,7 +41,7 @@ from siamese.data.masks import (
 from siamese.data.provenance import Record, dataset_record
 from siamese.data.synthetic import synthetic_pair
 
-__all__ = ["ImageDataset", "MaskImageDataset", "SyntheticLesionDataset", "make_sample"]
+__all__ = ["ImageDataset", "MaskImageDataset", "SyntheticLesionDataset", "dataset_prompts", "make_sample"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class ImageDataset(Dataset):
         self.intensity = parse_intensity(intensity)
 
     @classmethod
-    def from_root(cls, root: str | Path, resolution: int, prompt: str, prompt_override: str | None = None,
+    def from_root(cls, root: str | Path, resolution: int, prompt: str | None, prompt_override: str | None = None,
                   intensity: Intensity | str | None = None) -> ImageDataset:
         root = Path(root)
         prompt_file = root if root.is_file() else root / PROMPT_FILE
@@ -222,6 +222,9 @@ class ImageDataset(Dataset):
         if not paths:
             raise ValueError(f"data.root {root}: no {PROMPT_FILE} and no images "
                              f"({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}) in it")
+        if not (prompt_override or prompt):
+            raise ValueError(f"data.root {root} is a plain folder of images: they carry no prompt; set data.prompt "
+                             "(the prompt every image trains with) or use a prompt.json layout")
         return cls(paths, [prompt_override or prompt] * len(paths), resolution, intensity)
 
     def __len__(self) -> int:
@@ -269,3 +272,17 @@ class SyntheticLesionDataset(Dataset):
         index %= self.num_samples
         rgb, mask01 = synthetic_pair(index, self.resolution, self.seed)
         return make_sample(rgb, mask01, self.resolution, self.hint_resolution, self.prompt, f"synthetic_{index:06d}")
+
+
+def dataset_prompts(dataset: Dataset) -> list[str]:
+    """Every item's prompt as training sees it, read without loading a pixel: a prompt.json dataset's lines (its
+    ``prompt_override`` when given), an image dataset's prompts, the generated pairs' one prompt; none (``[]``) for
+    data without prompts (the mask generator's masks)."""
+    if isinstance(dataset, MaskImageDataset):
+        override = dataset.prompt_override
+        return [r.prompt if override is None else override for r in dataset.records]
+    if isinstance(dataset, ImageDataset):
+        return list(dataset.prompts)
+    if isinstance(dataset, SyntheticLesionDataset):
+        return [dataset.prompt] * len(dataset)
+    return []
