@@ -39,3 +39,21 @@ def test_importing_the_packages_and_the_config_stays_light():
             "sys.modules); import siamese.config; print(heavy, 'open_clip' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "False"]
+
+
+def test_refused_evaluations_leave_no_output(tmp_path):
+    """Inputs are checked before any work: a folder that is not a sampling run, a missing Inception file or a bad
+    number is refused in one line, and no output folder (splits.json, a trained segmenter) is left behind."""
+    from siamese.data.synthetic import write_synthetic_dataset
+    from tools import evaluate, segmentation_benchmark
+
+    write_synthetic_dataset(tmp_path / "real", 8, 32)
+    (tmp_path / "not_pairs").mkdir()
+    base = ["--real", str(tmp_path / "real"), "--synthetic", str(tmp_path / "not_pairs"), "--no-progress"]
+    cases = [(evaluate.main, [*base, "--out", str(tmp_path / "a")]),
+             (evaluate.main, [*base, "--out", str(tmp_path / "b"), "--inception", str(tmp_path / "none.pth")]),
+             (evaluate.main, [*base, "--out", str(tmp_path / "c"), "--test-fraction", "1.5"]),
+             (segmentation_benchmark.main, [*base, "--out", str(tmp_path / "d"), "--test-fraction", "1.5"])]
+    for main, argv in cases:
+        assert main(argv) == 1
+    assert not any((tmp_path / name).exists() for name in "abcd")
