@@ -26,13 +26,12 @@ from pathlib import Path
 from ldm.regions import DEFAULT_REGION, parse_region
 from ldm.solvers import SAMPLERS
 
-import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
 from cldm.model import ControlLDM
-from siamese.data.images import IMAGE_SUFFIXES, resize_image
+from siamese.data.images import IMAGE_SUFFIXES, read_image_rgb, resize_image
 from siamese.data.layout import read_prompt_jsonl
 from siamese.data.masks import MaskAugment, read_mask, resize_mask
 from siamese.data.pairs import MaskSource, SampledPair, WorkItem
@@ -224,19 +223,21 @@ def item_background(item: WorkItem, backgrounds: Sequence[Path]) -> Path:
     return backgrounds[int.from_bytes(digest[:8], "big") % len(backgrounds)]
 
 
-def _backgrounds(paths: Sequence[Path], masks: Sequence[np.ndarray], hint_size: int, device: torch.device) -> Tensor:
-    """Background images → (B, 3, S, S) in [-1, 1] at the hint size; a background whose aspect ratio differs from
-    its mask's is refused (both are resized to the same square)."""
+def _backgrounds(paths: Sequence[Path], masks: Sequence[np.ndarray], hint_size: int, device: torch.device,
+                 intensity: str | None = None) -> Tensor:
+    """Background images → (B, 3, S, S) in [-1, 1] at the hint size, read as training reads images (``intensity``:
+    the model's ``data.intensity``); a background whose aspect ratio differs from its mask's is refused (both are
+    resized to the same square)."""
     out = []
     for path, mask in zip(paths, masks, strict=True):
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ValueError(f"background {path}: not a readable image")
-        (h, w), (mh, mw) = bgr.shape[:2], mask.shape[:2]
+        try:
+            rgb = read_image_rgb(path, intensity)
+        except ValueError as error:
+            raise ValueError(f"background {path}: not a readable image ({error})") from None
+        (h, w), (mh, mw) = rgb.shape[:2], mask.shape[:2]
         if abs(h / w - mh / mw) > 0.01 * (mh / mw):
             raise ValueError(f"background {path} is {h}×{w} but its mask is {mh}×{mw}: different aspect ratios")
-        rgb = resize_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), hint_size)
-        out.append(rgb)
+        out.append(resize_image(rgb, hint_size))
     stacked = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return stacked.to(device)
 
@@ -266,7 +267,8 @@ def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int
                  cfg_scale: float = 9.0, eta: float = 0.0, batch_size: int = 4, mask_mode: str = "real",
                  augment: MaskAugment | None = None, precision: str = "fp32", batched_cfg: bool = True,
                  pad: bool = True, sampler: str = "ddim", cfg_mask: float | None = None,
-                 backgrounds: Sequence[Path] | None = None, region: str = DEFAULT_REGION) -> Iterator[SampledPair]:
+                 backgrounds: Sequence[Path] | None = None, region: str = DEFAULT_REGION,
+                 intensity: str | None = None) -> Iterator[SampledPair]:
     """Generate one image per work item with the mask branch; yields pairs in item order, batch by batch.
 
     ``model`` is a loaded ``ControlLDM`` on its device (``model.eval()``), or a base ``LatentDiffusion`` (then
@@ -310,7 +312,7 @@ def sample_pairs(model: ControlLDM, items: Sequence[WorkItem], *, hint_size: int
         padded_masks = masks + [masks[-1]] * (len(padded) - len(batch))
         generators = [torch.Generator().manual_seed(item.seed) for item in padded]
         bg_paths = [item_background(item, backgrounds) for item in padded] if backgrounds else None
-        bg = _backgrounds(bg_paths, padded_masks, hint_size, device) if bg_paths else None
+        bg = _backgrounds(bg_paths, padded_masks, hint_size, device, intensity) if bg_paths else None
         with autocast:
             prompts = [item.source.prompt for item in padded]
             unconditional = cfg_scale != 1.0 or cfg_mask is not None

@@ -133,7 +133,7 @@ def test_cli_with_a_base_model_needs_backgrounds(env, tmp_path, caplog):  # noqa
     from siamese.config import checkpoint_metadata, load_config
     from siamese.factory import build_latent_diffusion
 
-    cfg = load_config(TINY)
+    cfg = load_config(TINY, ["sample.prompt=A photo of a polyp."])  # as a trained base records its data's
     torch.manual_seed(0)
     base = build_latent_diffusion(cfg.model)
     with torch.no_grad():

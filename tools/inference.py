@@ -206,7 +206,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         pairs = sample_pairs(model, rerun, hint_size=cfg.hint_size, steps=steps, cfg_scale=cfg_scale, eta=eta,
                              batch_size=args.batch_size, mask_mode=args.mask_mode, augment=augment,
                              precision=args.precision, batched_cfg=not args.separate_cfg, sampler=sampler,
-                             cfg_mask=cfg_mask, backgrounds=backgrounds, region=region)
+                             cfg_mask=cfg_mask, backgrounds=backgrounds, region=region,
+                             intensity=cfg.data.intensity)
         for pair in tqdm(pairs, total=len(rerun), unit="pair", desc="sampling", disable=args.no_progress or None):
             if pair.item.name in todo_names:
                 writer.write(pair)
