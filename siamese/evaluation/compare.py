@@ -391,7 +391,7 @@ def comparison_plot(result: dict, path: Path) -> Path:
     ax.set_xticks(x, [lb.replace(" (", "\n(") for lb in labels], fontsize=7)
     ax.set_ylabel("mDice on the real test split")
     ax.set_title("Downstream segmentation per schedule and generator", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right", ncol=len(names) + 1)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
