@@ -12,7 +12,7 @@ What diffusers cannot express is refused with a one-line ``ValueError`` naming t
 approximately:
 
 * the DHI hint encoder: ``ControlNetModel`` has only the HI conditioning embedding (a diffusers user must swap a
-  module with the ``DenseHintEncoder`` structure into ``controlnet_cond_embedding``; README "Export to diffusers");
+  module with the ``DenseHintEncoder`` structure into ``controlnet_cond_embedding``; docs/sampling.md);
 * GroupNorm with other than 32 groups (this project uses the largest divisor ≤ 32 for widths below 32 or not
   divisible by 32, ``ldm.attention.group_norm_groups``; diffusers has one ``norm_num_groups`` for every norm);
 * ``channel_mult[0] != 1`` (diffusers' conv_in and conditioning embedding output ``block_out_channels[0]``, ours
@@ -56,7 +56,7 @@ _RESBLOCK_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1
 _DHI_HELP = ("diffusers' ControlNetModel has only the HI conditioning embedding: a diffusers user must swap a module "
              "with this project's DenseHintEncoder structure (cldm/hint.py) into controlnet_cond_embedding and load "
              "this checkpoint's input_hint_block.* weights into it; the rest of the mapping is the same "
-             "(README: Export to diffusers)")
+             "(docs/sampling.md, section Export to diffusers)")
 
 
 def _problem(unet: UNetConfig, control: ControlConfig) -> str | None:

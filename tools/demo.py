@@ -26,7 +26,7 @@ OUT/commands.sh as they run:
 A stage that finished is skipped on a re-run only when its key matches (OUT/stages.json: the settings that change it
 and the keys of the stages it consumes), so a re-run with another --cfg, --seed or --sample-steps recomputes the
 sampling and what follows, never relabels old outputs; an interrupted training with the same key resumes from its
-newest checkpoint. ``--force`` redoes everything. What it shows and what it cannot: see the README's "The demo" section.
+newest checkpoint. ``--force`` redoes everything. What it shows and what it cannot: see docs/demo.md.
 """
 
 from __future__ import annotations
