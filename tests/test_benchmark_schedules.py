@@ -204,6 +204,6 @@ def test_colliding_stems_are_refused_in_one_line(data, tmp_path, caplog):
     caplog.clear()
     _copy_run(synth, tmp_path / "copy" / "synth")
     assert bench_tool.main([*base, "--synthetic", str(synth), "--synthetic", str(tmp_path / "copy" / "synth")]) == 1
-    assert "are the same image: pooled it would count twice" in caplog.text
+    assert "are the same pair: pooled it would count twice" in caplog.text
     other = sampling_run(tmp_path / "b2" / "synth", split.parent / "real", seed=9, trained_on=split / "train")
     assert bench_tool.main([*base, "--synthetic", str(synth), "--synthetic", str(other)]) == 0

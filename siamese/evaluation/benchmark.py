@@ -170,25 +170,33 @@ def check_unique_stems(pairs: Sequence[Pair], what: str) -> None:
 
 def _pooled(pairs: Sequence[Pair], folders: Sequence[Path], what: str) -> list[Pair]:
     """``pairs`` named by their folder's path below the folders' common parent (two folders named ``real`` stay
-    apart), each folder's stems checked; an image given twice (a folder passed twice, or a filtered copy beside its
-    source) is refused: it would weigh double."""
+    apart), each folder's stems checked; a pair given twice (a folder passed twice or copied, or a filtered copy beside
+    its source: the same image and mask) is refused, it would weigh double; the same image under two different masks
+    (an undertrained generator ignoring its mask) is kept, with a warning."""
     resolved = [Path(os.path.abspath(f)) for f in folders]
     if len(set(resolved)) < len(resolved):
         raise ValueError(f"{what}: a folder is given twice ({', '.join(map(str, folders))})")
     common = Path(os.path.commonpath([str(f) for f in resolved])) if len(resolved) > 1 else resolved[0].parent
-    out, seen = [], {}
+    out, seen, images_seen, same_image = [], {}, {}, []
     for folder in resolved:
         label = "/".join(folder.relative_to(common).parts) or folder.name
         mine = [p for p in pairs if Path(os.path.abspath(p.image)).is_relative_to(folder)]
         check_unique_stems(mine, f"{what} {folder}")
         for pair in mine:
             named = replace(pair, name=f"{label}/{pair.name.split('/', 1)[-1]}")
-            digest = digest_file(pair.image)
+            image = digest_file(pair.image)
+            digest = (image, digest_file(pair.mask))
             if digest in seen:
-                raise ValueError(f"{what}: {named.name} and {seen[digest]} are the same image: pooled it would count "
+                raise ValueError(f"{what}: {named.name} and {seen[digest]} are the same pair: pooled it would count "
                                  "twice (give each folder once; a tools.filter_pairs output goes to --filtered)")
-            seen[digest] = named.name
+            if image in images_seen:  # the same image under another mask: a generator that ignores its mask
+                same_image.append((named.name, images_seen[image]))
+            seen[digest] = images_seen[image] = named.name
             out.append(named)
+    if same_image:
+        logger.warning("%s: %d generated images are identical to one made from another mask (e.g. %s and %s): the "
+                       "generator does not follow its masks; both pairs are kept", what, len(same_image),
+                       *same_image[0])
     return out
 
 
