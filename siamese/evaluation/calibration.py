@@ -25,7 +25,8 @@ import numpy as np
 
 from siamese.evaluation.features import ImageLike, _label, _load_rgb
 
-__all__ = ["NEAR_DUPLICATE_CORRELATION", "LeaveOneOut", "leave_one_out", "thumbnail"]
+__all__ = ["NEAR_DUPLICATE_CORRELATION", "LeaveOneOut", "cosine_leave_one_out", "leave_one_out", "squared_distances",
+           "thumbnail", "unit_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,18 @@ class LeaveOneOut:
     @property
     def largest(self) -> float:
         return float(self.similarity.max())
+
+
+def unit_rows(feats: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (cosine similarity = dot product)."""
+    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    return feats / np.maximum(norms, 1e-12)
+
+
+def squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    sq = (x * x).sum(axis=1)[:, None] + (y * y).sum(axis=1)[None, :] - 2.0 * x @ y.T
+    return np.clip(sq, 0.0, None)
 
 
 def _unit(features: np.ndarray) -> np.ndarray:
