@@ -39,8 +39,8 @@ from siamese.evaluation.compare import (
     parse_named_folders,
 )
 from siamese.evaluation.report import write_markdown
-from siamese.evaluation.towers import INCEPTION_WEIGHTS_FILE, load_feature_extractor
 from tools._cli import make_parser, run
+from tools.evaluate import add_tower_args, feature_extractor
 from tools.segmentation_benchmark import add_benchmark_args, benchmark_config
 
 logger = logging.getLogger("siamese.compare_generators")
@@ -55,12 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filtered", action="append", default=[], metavar="NAME=FOLDER,FOLDER[,...]",
                    help="tools.filter_pairs outputs of that generator's folders, in the same order: filtered vs all")
     p.add_argument("--out", type=Path, required=True, help="output folder (comparison.md/.json/.png, benchmark/)")
-    q = p.add_argument_group("image quality")
-    q.add_argument("--inception", type=Path, help=f"local FID Inception weights ({INCEPTION_WEIGHTS_FILE})")
-    q.add_argument("--features", help="another local image tower for FID/KID: torchvision:ARCH, timm:NAME, "
-                                      "open_clip:MODEL, first_stage (with --feature-weights)")
-    q.add_argument("--feature-weights", type=Path, help="the weight file of --features")
-    q.add_argument("--fid-count", type=int, help="images per side for FID/KID (default: as many as both have)")
+    q = add_tower_args(p)
     q.add_argument("--colour-rule", action="store_true",
                    help="also score mask fidelity with the colour rule of the generated demo domain")
     add_benchmark_args(p)
@@ -83,16 +78,9 @@ def _body(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.inception and args.features:
         raise ValueError("pass --inception or --features, not both")
-    if args.fid_count is not None and args.fid_count < 2:
-        raise ValueError(f"--fid-count must be at least 2, got {args.fid_count}")
     gens = generators(args)
     cfg = benchmark_config(args)
-    extractor, features = None, None
-    if args.inception:  # a bad weights file fails now, before any segmenter trains
-        extractor, features = load_feature_extractor("inception", args.inception, device=args.device), "inception"
-    elif args.features:
-        extractor = load_feature_extractor(args.features, args.feature_weights, device=args.device)
-        features = args.features
+    extractor, features = feature_extractor(args)  # a bad weights file fails now, before any segmenter trains
     result = compare_generators(args.real, gens, args.out, cfg, extractor=extractor, features=features,
                                 fid_count=args.fid_count, colour=args.colour_rule, device=args.device,
                                 progress=not args.no_progress, allow_generator_leak=args.allow_generator_leak)

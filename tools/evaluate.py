@@ -101,12 +101,28 @@ def run_label(folder: Path, folders: list[Path]) -> str:
     return "__".join(Path(folder).resolve().relative_to(common).parts) or Path(folder).name
 
 
-def _extractor(args: argparse.Namespace):
+def add_tower_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The image-quality options shared by the evaluation tools: the feature tower (from a local file) and the
+    images per side of FID/KID. Returns the group, for a tool's own quality options."""
+    q = parser.add_argument_group("image quality")
+    q.add_argument("--inception", type=Path, help=f"local FID Inception weights ({INCEPTION_WEIGHTS_FILE})")
+    q.add_argument("--features", help="another local image tower: torchvision:ARCH, timm:NAME, open_clip:MODEL or "
+                                      "first_stage (with --feature-weights)")
+    q.add_argument("--feature-weights", type=Path, help="the weight file of --features")
+    q.add_argument("--fid-count", type=int, help="images per side for FID/KID (default: as many as both have)")
+    return q
+
+
+def feature_extractor(args: argparse.Namespace) -> tuple[object | None, str | None]:
+    """(the tower the ``add_tower_args`` options name, its name), or (None, None) without one; a bad weights file
+    fails here, before any segmenter trains."""
+    if args.fid_count is not None and args.fid_count < 2:
+        raise ValueError(f"--fid-count must be at least 2, got {args.fid_count}")
     if args.inception:
-        return load_feature_extractor("inception", args.inception, device=args.device)
+        return load_feature_extractor("inception", args.inception, device=args.device), "inception"
     if args.features:
-        return load_feature_extractor(args.features, args.feature_weights, device=args.device)
-    return None
+        return load_feature_extractor(args.features, args.feature_weights, device=args.device), args.features
+    return None, None
 
 
 def _quality(args: argparse.Namespace, out: Path, split_train: list[Path], split_test: list[Path], extractor) -> dict:
@@ -198,9 +214,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     out: Path = args.out
     cfg = benchmark_config(args)
-    extractor = _extractor(args)  # a bad weights file fails now, before hours of segmenter training
-    if extractor is not None and args.fid_count is not None and args.fid_count < 2:
-        raise ValueError(f"--fid-count must be at least 2, got {args.fid_count}")
+    extractor, _ = feature_extractor(args)  # a bad weights file fails now, before hours of segmenter training
     inputs = prepare_inputs(args.real, args.synthetic, out, cfg, allow_generator_leak=args.allow_generator_leak)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"real": str(args.real), "synthetic": [str(s) for s in args.synthetic],
@@ -234,15 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a tutorial_inference.py output folder (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="output folder (report.md, report.json, PNGs)")
     p.add_argument("--no-benchmark", action="store_true", help="skip the downstream benchmark")
-    q = p.add_argument_group("image quality")
-    q.add_argument("--inception", type=Path, help=f"local FID Inception weights ({INCEPTION_WEIGHTS_FILE})")
-    q.add_argument("--features", help="another local image tower for FID/KID/memorisation: torchvision:ARCH, "
-                                      "timm:NAME or open_clip:MODEL (with --feature-weights)")
-    q.add_argument("--feature-weights", type=Path, help="the weight file of --features")
-    q.add_argument("--fid-count", type=int, help="images per side for FID/KID (default: as many as both have)")
+    q = add_tower_args(p)
     q.add_argument("--copy-feature-threshold", type=float,
-                   help="near-copy: feature cosine distance below this (default: calibrated on the real images, the "
-                        "smallest distance between two distinct ones in this tower's features)")
+                   help="near-copy: feature cosine distance below this (default: calibrated on the real images, half "
+                        "the smallest distance between two distinct ones in this tower's features)")
     q.add_argument("--copy-pixel-threshold", type=float,
                    help="near-copy: pixel RMSE at 64² below this (default: calibrated as the feature threshold)")
     add_benchmark_args(p)
