@@ -9,8 +9,6 @@ The hint encoder output is added to the first input block's output. Parameter na
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ldm.attention import timestep_embedding, zero_module
 from ldm.unet import TimestepEmbedSequential, UNetConfig, build_encoder, build_time_embed
 
@@ -18,17 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cldm.hint import HINT_DOWNSAMPLE, build_hint_encoder
-
-
-@dataclass(frozen=True)
-class ControlConfig:
-    """What ControlNet adds to the UNet geometry (defaults: the Siamese-Diffusion release)."""
-
-    hint_channels: int = 3
-    hint_encoder: str = "dhi"
-    only_mid_control: bool = False
-    control_scale: float = 1.0  # the original's ``control_scales = [1.0] * 13``, one scalar here
+from cldm.hint import build_hint_encoder
+from cldm.settings import HINT_DOWNSAMPLE, ControlConfig
 
 
 class ControlNet(nn.Module):

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: Spatial reduction of every hint encoder: hints are given at 8× the latent resolution (the SD1.5 VAE factor).
-HINT_DOWNSAMPLE = 8
+from cldm.settings import HINT_DOWNSAMPLE  # noqa: F401  (re-exported)
 
 
 class HintEncoder(nn.Sequential):

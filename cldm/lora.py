@@ -20,56 +20,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-# Module-name suffixes LoRA may wrap in a UNet block (nn.Linear / nn.Conv2d leaves of the SD layout).
-KNOWN_TARGETS: tuple[str, ...] = (
-    "to_q", "to_k", "to_v", "to_out.0",  # self- and cross-attention projections
-    "ff.net.0.proj", "ff.net.2",  # GEGLU feed-forward
-    "proj_in", "proj_out",  # spatial-transformer input/output projections
-    "in_layers.2", "out_layers.3", "emb_layers.1", "skip_connection",  # ResBlock convolutions / time projection
-)
+from cldm.settings import LoraSettings
+
 # ControlNet parts with no counterpart in the base model (zero-initialised / new): they train in full under LoRA.
 CONTROL_NEW_PARTS: tuple[str, ...] = ("zero_convs.", "middle_block_out.", "input_hint_block.")
 ADAPTER = "default"
 _RAW_TO_PLAIN = ((f".lora_A.{ADAPTER}.", ".lora_A."), (f".lora_B.{ADAPTER}.", ".lora_B."), (".base_layer.", "."))
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """``method.lora`` of the config. ``targets`` are module-name suffixes (see ``KNOWN_TARGETS``)."""
-
-    enabled: bool = False
-    rank: int = 8
-    alpha: float = 8.0
-    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in",
-                                "proj_out")
-    control: bool = False  # adapters on the ControlNet encoder copy too (else the ControlNet trains in full)
-    dropout: float = 0.0
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
-    def problems(self) -> list[str]:
-        """What is wrong with these settings, one sentence each (empty when valid)."""
-        out = []
-        if self.rank < 1:
-            out.append(f"method.lora.rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            out.append(f"method.lora.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            out.append(f"method.lora.dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
-            out.append("method.lora.targets is empty")
-        unknown = [t for t in self.targets if t not in KNOWN_TARGETS]
-        if unknown:
-            out.append(f"method.lora.targets {unknown} are not among {list(KNOWN_TARGETS)}")
-        return out
 
 
 def target_pattern(prefixes: tuple[str, ...], targets: tuple[str, ...]) -> str:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from ldm.settings import BETA_KINDS  # noqa: F401  (re-exported)
+
 import torch
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
-
-BETA_KINDS: tuple[str, ...] = ("scaled_linear", "linear")
 
 # Order and names of the 13 un-prefixed schedule buffers in an original ldm/ControlNet state dict.
 BUFFER_NAMES: tuple[str, ...] = (

@@ -44,13 +44,11 @@ from typing import Any
 
 from ldm.sampler import DenoiseFn, Generators, ddim_sample, initial_latent
 from ldm.schedule import Schedule, ddim_timesteps
+from ldm.settings import SAMPLERS
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-
-SAMPLERS: tuple[str, ...] = ("ddim", "dpmpp_2m", "unipc")
-"""Names accepted by ``sample``: DDIM (``ldm.sampler.ddim_sample``) and the two solvers of this module."""
 
 Callback = Callable[[int, int, Tensor], None]
 

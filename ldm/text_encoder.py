@@ -16,7 +16,8 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+
+from ldm.settings import BOS_TOKEN_ID, EOS_TOKEN_ID, TextEncoderConfig
 
 import torch
 from torch import Tensor, nn
@@ -32,37 +33,8 @@ __all__ = [
     "tokenize",
 ]
 
-BOS_TOKEN_ID = 49406  # "<start_of_text>" in OpenAI's CLIP vocabulary
-EOS_TOKEN_ID = 49407  # "<end_of_text>"; SD1.5 also pads with it
 SD15_TEXT_PREFIX = "cond_stage_model.transformer.text_model."  # where SD1.5 checkpoints keep this encoder
 _TOWER = "text."  # our submodule name, as in open_clip's CustomTextCLIP
-
-
-@dataclass(frozen=True)
-class TextEncoderConfig:
-    """Geometry of the CLIP text transformer. Defaults are SD1.5's (OpenAI CLIP ViT-L/14 text model)."""
-
-    vocab_size: int = 49408
-    width: int = 768
-    layers: int = 12
-    heads: int = 12
-    context_length: int = 77
-    quick_gelu: bool = True
-
-    def __post_init__(self) -> None:
-        if self.width % self.heads != 0:
-            raise ValueError(f"TextEncoderConfig: width {self.width} is not divisible by heads {self.heads}")
-        if self.context_length < 2:
-            raise ValueError(f"TextEncoderConfig: context_length {self.context_length} < 2 leaves no room for BOS/EOS")
-        if self.vocab_size <= EOS_TOKEN_ID:
-            raise ValueError(
-                f"TextEncoderConfig: vocab_size {self.vocab_size} must exceed {EOS_TOKEN_ID} for the CLIP BPE tokenizer"
-            )
-
-    @classmethod
-    def tiny(cls) -> TextEncoderConfig:
-        """CPU-sized preset for tests; keeps the full vocabulary so the real tokenizer's ids stay valid."""
-        return cls(vocab_size=49408, width=32, layers=2, heads=2, context_length=77, quick_gelu=True)
 
 
 @functools.lru_cache(maxsize=1)

@@ -19,52 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ldm.attention import SpatialTransformer, normalization, timestep_embedding, zero_module
+from ldm.settings import UNetConfig
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """UNet hyper-parameters under their ``cldm_v15.yaml`` names (defaults: SD1.5)."""
-
-    image_size: int = 32  # informational only (latent size the original was configured with)
-    in_channels: int = 4
-    out_channels: int = 4
-    model_channels: int = 320
-    attention_resolutions: tuple[int, ...] = (4, 2, 1)
-    num_res_blocks: int = 2
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_heads: int = 8
-    num_head_channels: int = -1
-    use_spatial_transformer: bool = True
-    transformer_depth: int = 1
-    context_dim: int = 768
-    use_linear_in_transformer: bool = False
-    legacy: bool = False
-    use_checkpoint: bool = False
-    dropout: float = 0.0
-    conv_resample: bool = True
-
-    def __post_init__(self) -> None:
-        if self.model_channels <= 0 or self.num_res_blocks <= 0 or not self.channel_mult:
-            raise ValueError("unet: model_channels and num_res_blocks must be > 0 and channel_mult non-empty")
-        if not self.use_spatial_transformer:
-            raise ValueError("unet.use_spatial_transformer=false is not supported (SD1.5 uses the spatial transformer)")
-        if self.num_heads == -1 and self.num_head_channels == -1:
-            raise ValueError("unet: set num_heads or num_head_channels (both are -1)")
-
-    def heads_for(self, channels: int) -> tuple[int, int]:
-        """(heads, dim_head) at a given width, with the original's num_heads / num_head_channels / legacy rules."""
-        if self.num_head_channels == -1:
-            heads, dim_head = self.num_heads, channels // self.num_heads
-        else:
-            heads, dim_head = channels // self.num_head_channels, self.num_head_channels
-        if self.legacy:
-            dim_head = channels // heads
-        return heads, dim_head
 
 
 class Downsample(nn.Module):

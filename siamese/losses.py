@@ -25,8 +25,10 @@ from ``siamese.schedules``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: the config schema imports this module without torch
+    from torch import Tensor
 
 TERMS = ("loss_mask", "loss_image", "loss_consistency", "loss_aug")
 

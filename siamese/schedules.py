@@ -10,8 +10,10 @@ Taking S from the recipe keeps resume, evaluation and tests independent of a Lig
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: the config schema imports this module without torch
+    from torch import Tensor
 
 AUG_NOISE_CHOICES = ("same", "fresh")
 RAMP_CHOICES = ("linear", "constant")

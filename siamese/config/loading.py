@@ -12,8 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ldm.fileio import write_text_atomic
-from ldm.schedule import BETA_KINDS
-from ldm.solvers import SAMPLERS
+from ldm.settings import BETA_KINDS, SAMPLERS
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ldm.schedule import BETA_KINDS
+from ldm.settings import BETA_KINDS
 
 PREDICTIONS = ("v", "eps")  # what the mask network predicts (siamese.meddiff.maskgen.training_target)
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldm.checkpoint import SAFETENSORS_SUFFIXES, read_metadata
-
 from siamese.config.loading import ConfigError, config_hash, load_config, to_yaml
 from siamese.config.schema import ExperimentConfig
 from siamese.data.provenance import Provenance, external
@@ -17,6 +15,7 @@ from siamese.data.provenance import Provenance, external
 METADATA_CONFIG = "siamese.config"
 METADATA_CONFIG_HASH = "siamese.config_hash"
 METADATA_KIND = "siamese.kind"
+_SAFETENSORS = ".safetensors"  # only these carry metadata in their header (``ldm.checkpoint.SAFETENSORS_SUFFIXES``)
 
 
 def checkpoint_metadata(cfg: ExperimentConfig | None, kind: str, provenance: Provenance | None = None,
@@ -36,7 +35,9 @@ def checkpoint_provenance(path: str | Path) -> Provenance:
     """What a checkpoint was made from: the provenance in its safetensors metadata; a file without one (an SD1.5
     release, a pickled .ckpt, a file written elsewhere) is one ``external`` record naming it."""
     path = Path(path)
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+    if path.suffix.lower() == _SAFETENSORS:
+        from ldm.checkpoint import read_metadata  # torch: imported when a checkpoint is read, not with the config
+
         found = Provenance.from_metadata(read_metadata(path), str(path))
         if found is not None:
             return found
@@ -59,8 +60,10 @@ def check_same_latents(cfg: ExperimentConfig, path: str | Path, where: str) -> N
     another factor silently trains on latents of the wrong variance. Only the safetensors header is read (a pickled
     .ckpt would have to be loaded whole); checkpoints without a config (SD1.5 files) pass.
     """
-    if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
+    if Path(path).suffix.lower() != _SAFETENSORS:
         return
+    from ldm.checkpoint import read_metadata
+
     embedded = config_from_metadata(read_metadata(path), where)
     if embedded is None:
         return

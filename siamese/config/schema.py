@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ldm.text_encoder import TextEncoderConfig
-from ldm.unet import UNetConfig
+from ldm.settings import TextEncoderConfig, UNetConfig
 
-from cldm.controlnet import ControlConfig
-from cldm.hint import HINT_DOWNSAMPLE
-from cldm.lora import LoraSettings
+from cldm.settings import HINT_DOWNSAMPLE, ControlConfig, LoraSettings
 from siamese.config.maskgen import MaskGenConfig
 from siamese.losses import LossWeights
 from siamese.schedules import SiameseRecipe
