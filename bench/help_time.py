@@ -21,7 +21,8 @@ HEAVY = ("torch", "open_clip", "torchvision", "pytorch_lightning", "deepspeed", 
 
 
 def commands() -> list[tuple[str, list[str]]]:
-    tools = sorted(p.stem for p in (REPO / "tools").glob("*.py") if not p.stem.startswith("_"))
+    tools = sorted(p.stem for p in (REPO / "tools").glob("*.py")
+                   if not p.stem.startswith("_") and "\ndef main(" in p.read_text())
     return ([(name, [sys.executable, name]) for name in ROOT_SCRIPTS]
             + [(f"-m tools.{name}", [sys.executable, "-m", f"tools.{name}"]) for name in tools])
 

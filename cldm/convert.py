@@ -33,13 +33,10 @@ from torch import Tensor
 from cldm.diffusers_import import MODEL_INDEX, SDGeometry, from_diffusers
 from cldm.hint import build_hint_encoder
 from cldm.model import SD15_TEXT_PREFIX, ControlLDM
+from cldm.settings import CONTROL_PREFIX, FIRST_STAGE_PREFIX, TEXT_PREFIX, UNET_PREFIX  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-CONTROL_PREFIX = "control_model."
-UNET_PREFIX = "model.diffusion_model."
-FIRST_STAGE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model."
 # The three networks every Stable Diffusion 1.x checkpoint holds (the ControlNet is what add_control creates).
 SD_PREFIXES = (UNET_PREFIX, FIRST_STAGE_PREFIX, TEXT_PREFIX + SD15_TEXT_PREFIX)
 # Keys a base checkpoint may carry that no model here uses: the EMA copy of the original training.

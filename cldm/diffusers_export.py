@@ -42,11 +42,11 @@ from torch import Tensor, nn
 
 from cldm.controlnet import ControlConfig, ControlNet
 from cldm.hint import HintEncoder
+from cldm.settings import DIFFUSERS_CONFIG_NAME as CONFIG_NAME  # noqa: F401  (re-exported)
+from cldm.settings import DIFFUSERS_WEIGHTS_NAME as WEIGHTS_NAME  # noqa: F401
 
 DIFFUSERS_CLASS = "ControlNetModel"
 DIFFUSERS_NORM_GROUPS = 32  # diffusers' norm_num_groups, the same for every GroupNorm of the model
-CONFIG_NAME = "config.json"  # what ControlNetModel.from_pretrained(folder) reads
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 # ResBlock (in_layers = GroupNorm, SiLU, conv; emb_layers = SiLU, Linear; out_layers = GroupNorm, SiLU, Dropout, conv)
 # → diffusers' ResnetBlock2D. skip_connection is a 1×1 conv only when the width changes.

@@ -12,6 +12,15 @@ from dataclasses import dataclass
 HINT_DOWNSAMPLE = 8
 """The hint encoders map a hint of H×W pixels to the latent's H/8 × W/8."""
 
+# Where an SD1.x checkpoint keeps its networks (``cldm.convert``).
+CONTROL_PREFIX = "control_model."
+UNET_PREFIX = "model.diffusion_model."
+FIRST_STAGE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
+
+DIFFUSERS_CONFIG_NAME = "config.json"  # what diffusers' ControlNetModel.from_pretrained(folder) reads
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
 
 @dataclass(frozen=True)
 class ControlConfig:

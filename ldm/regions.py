@@ -23,61 +23,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from ldm.settings import DEFAULT_REGION, REGION_HELP, REGION_MODES, RegionSpec, parse_region  # noqa: F401
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-REGION_MODES: tuple[str, ...] = ("max-pool", "area", "dilate")
-DEFAULT_REGION = "max-pool"
-REGION_HELP = ("max-pool: a latent cell is generated when any of its pixels is in the mask (default; up to "
-               "factor − 1 pixels beyond it); area:F: when the mask covers a share ≥ F of its pixels (0 < F ≤ 1; "
-               "area:0.5 rounds the mask to the nearest cells); dilate:N: the mask dilated by N pixels (a disk), "
-               "then area:0.5")
-
-
-@dataclass(frozen=True)
-class RegionSpec:
-    """A parsed latent-region choice: ``mode`` in ``REGION_MODES``, ``fraction`` (area), ``pixels`` (dilate)."""
-
-    mode: str
-    fraction: float | None = None
-    pixels: int | None = None
-
-    def __str__(self) -> str:
-        if self.mode == "area":
-            return f"area:{self.fraction!r}"
-        if self.mode == "dilate":
-            return f"dilate:{self.pixels}"
-        return self.mode
-
-
-def parse_region(spec: str | RegionSpec) -> RegionSpec:
-    """``"max-pool"``, ``"area:F"`` (0 < F ≤ 1) or ``"dilate:N"`` (integer N ≥ 0) → ``RegionSpec``; its ``str`` is
-    the canonical form (``"area:.5"`` → ``"area:0.5"``, ``"dilate:03"`` → ``"dilate:3"``). Anything else: one-line
-    ValueError naming the value."""
-    if isinstance(spec, RegionSpec):
-        return spec
-    text = str(spec).strip()
-    mode, sep, value = text.partition(":")
-    expected = "expected max-pool, area:F (0 < F <= 1) or dilate:N (integer N >= 0)"
-    if mode == "max-pool" and not sep:
-        return RegionSpec("max-pool")
-    if mode == "area" and sep:
-        try:
-            fraction = float(value)
-        except ValueError:
-            fraction = math.nan
-        if not 0.0 < fraction <= 1.0:  # nan fails too
-            raise ValueError(f"region {spec!r}: the area share must be a number in (0, 1]; {expected}")
-        return RegionSpec("area", fraction=fraction)
-    if mode == "dilate" and sep:
-        if not (value.strip().isascii() and value.strip().isdigit()):
-            raise ValueError(f"region {spec!r}: the dilation must be an integer number of pixels >= 0; {expected}")
-        return RegionSpec("dilate", pixels=int(value))
-    raise ValueError(f"region {spec!r}: {expected}")
 
 
 def _disk(pixels: int, device: torch.device) -> Tensor:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from cldm.model import ControlLDM
+from siamese.config.schema import MASK_MODES, PRECISIONS
 from siamese.data.images import IMAGE_SUFFIXES, read_image_rgb, resize_image
 from siamese.data.layout import read_prompt_jsonl
 from siamese.data.masks import MaskAugment, read_mask, resize_mask
@@ -61,8 +62,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MASK_SUFFIXES = IMAGE_SUFFIXES
-MASK_MODES = ("real", "random")
-PRECISIONS = ("fp32", "bf16", "fp16")
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 

@@ -207,3 +207,27 @@ def test_colliding_stems_are_refused_in_one_line(data, tmp_path, caplog):
     assert "are the same pair: pooled it would count twice" in caplog.text
     other = sampling_run(tmp_path / "b2" / "synth", split.parent / "real", seed=9, trained_on=split / "train")
     assert bench_tool.main([*base, "--synthetic", str(synth), "--synthetic", str(other)]) == 0
+
+
+def test_real_images_are_decoded_with_the_benchmark_intensity_and_it_keys_the_results(tmp_path):
+    """12-bit images in 16-bit files: the benchmark reads them with --intensity (the generators' data.intensity);
+    the mode keys every segmenter and row, and ``auto`` keeps the keys that were made before it could be chosen."""
+    from siamese.data.split import Pair
+    from siamese.evaluation.benchmark import Inputs, load_pairs, row_key, segmenter_key
+    from siamese.evaluation.splits import RealSplit
+
+    ramp = np.linspace(1000, 3000, 32 * 32).reshape(32, 32).astype(np.uint16)  # 12-bit values, not the full range
+    cv2.imwrite(str(tmp_path / "a.png"), ramp)
+    cv2.imwrite(str(tmp_path / "a_mask.png"), mask_to_png((ramp > 2000).astype(np.uint8)))
+    pair = Pair("a", tmp_path / "a.png", tmp_path / "a_mask.png")
+    (auto, mask), = load_pairs([pair])
+    (stretched, _), = load_pairs([pair], "minmax")
+    assert auto.max() == round(3000 * 255 / 4095) and stretched.min() == 0 and stretched.max() == 255
+    assert mask.sum() == (ramp > 2000).sum()
+    with pytest.raises(ValueError, match="intensity"):
+        BenchmarkConfig(intensity="bright")
+    seg = SegmenterConfig()
+    assert segmenter_key([["d"]], seg, 0) == segmenter_key([["d"]], seg, 0, "auto")
+    assert segmenter_key([["d"]], seg, 0) != segmenter_key([["d"]], seg, 0, "minmax")
+    inputs = Inputs(RealSplit([pair], [pair], origin="test"), [])
+    assert row_key("real", 1.0, 0, 0, inputs, seg) != row_key("real", 1.0, 0, 0, inputs, seg, intensity="minmax")

@@ -57,3 +57,34 @@ def test_refused_evaluations_leave_no_output(tmp_path):
     for main, argv in cases:
         assert main(argv) == 1
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+HELP_PROBE = """
+import importlib, runpy, sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'open_clip', 'pytorch_lightning', 'deepspeed'):
+            raise ImportError(f'{name} imported while printing --help of {sys.argv[0]}')
+sys.meta_path.insert(0, NoTorch())
+for target in sys.argv[1:]:
+    sys.argv = [target, '--help']
+    try:
+        runpy.run_path(target, run_name='__main__') if target.endswith('.py') else runpy.run_module(
+            target, run_name='__main__', alter_sys=True)
+    except SystemExit as exc:
+        assert exc.code in (0, None), (target, exc.code)
+    else:
+        raise AssertionError(f'{target} --help did not exit')
+"""
+
+
+def test_every_tool_prints_help_without_importing_torch():
+    """``--help`` of every command-line tool stays under a second because it imports no torch, open_clip, Lightning
+    or DeepSpeed: a tool that imports one at module level fails here (``bench/help_time.py`` measures the time)."""
+    tools = sorted(f"tools.{p.stem}" for p in (REPO / "tools").glob("*.py")
+                   if not p.stem.startswith("_") and "\ndef main(" in p.read_text())
+    scripts = ["tutorial_train.py", "tutorial_inference.py", "tool_add_control.py", "tool_merge_control.py",
+               "zero_to_fp32.py"]
+    done = subprocess.run([sys.executable, "-c", HELP_PROBE, *tools, *scripts], cwd=REPO, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

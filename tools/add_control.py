@@ -23,10 +23,8 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ldm.checkpoint import save_state_dict
-
-from cldm.convert import SDWeights, add_control, expected_state, fresh_control_weights, load_sd_weights
 from siamese.config import (
     ConfigError,
     ExperimentConfig,
@@ -36,8 +34,12 @@ from siamese.config import (
     load_config,
 )
 from siamese.data.provenance import Provenance, digest_file, external
-from siamese.factory import meta_model
 from tools._cli import add_common_flags, check_output, list_keys, make_parser, run
+
+if TYPE_CHECKING:
+    from cldm.convert import SDWeights
+
+# torch-backed modules are imported in the functions that use them: --help stays fast
 
 logger = logging.getLogger("siamese.add_control")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "siamese_sd15.yaml"
@@ -86,6 +88,11 @@ def _base_provenance(path: Path, weights: SDWeights) -> Provenance:
 
 
 def _body(args: argparse.Namespace) -> int:
+    from ldm.checkpoint import save_state_dict
+
+    from cldm.convert import add_control, expected_state, fresh_control_weights, load_sd_weights
+    from siamese.factory import meta_model
+
     cfg = load_config(args.config, args.overrides)
     out = check_output(args.out, force=args.force)
     check_same_latents(cfg, args.sd_ckpt, str(args.sd_ckpt))
@@ -116,3 +123,7 @@ def _body(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run(_body, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -28,21 +28,19 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ldm.fileio import write_json_atomic
 
-from siamese.evaluation.compare import (
-    Generator,
-    compare_generators,
-    comparison_markdown,
-    comparison_plot,
-    parse_named_folders,
-)
 from siamese.evaluation.report import write_markdown
 from tools._cli import make_parser, run
 from tools.evaluate import add_tower_args, feature_extractor
 from tools.segmentation_benchmark import add_benchmark_args, benchmark_config
 
+if TYPE_CHECKING:
+    from siamese.evaluation.compare import Generator
+
+# torch-backed modules are imported in the functions that use them: --help stays fast
 logger = logging.getLogger("siamese.compare_generators")
 ALL_ARMS = "real,real+synthetic,synthetic,pretrain-finetune"
 
@@ -66,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generators(args: argparse.Namespace) -> list[Generator]:
+    from siamese.evaluation.compare import Generator, parse_named_folders
+
     named = [parse_named_folders(text, "--generator") for text in args.generator]
     filtered = dict(parse_named_folders(text, "--filtered") for text in args.filtered)
     unknown = set(filtered) - {name for name, _ in named}
@@ -75,6 +75,8 @@ def generators(args: argparse.Namespace) -> list[Generator]:
 
 
 def _body(args: argparse.Namespace) -> int:
+    from siamese.evaluation.compare import compare_generators, comparison_markdown, comparison_plot
+
     start = time.perf_counter()
     if args.inception and args.features:
         raise ValueError("pass --inception or --features, not both")

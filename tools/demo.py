@@ -44,24 +44,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ldm.checkpoint import load_state_dict, load_strict, read_metadata
 from ldm.fileio import copy_file_atomic, file_sha256, write_json_atomic
 
-import numpy as np
-import torch
-
 from siamese.config import ConfigError, config_from_metadata
-from siamese.data.images import read_image_rgb
-from siamese.data.layout import read_prompt_jsonl
-from siamese.data.masks import read_mask
 from siamese.data.pairs import read_manifest
-from siamese.evaluation.fidelity import dice, score_pairs, segment_generated_lesion
-from siamese.factory import build_latent_diffusion
 from tools import add_control, demo_data, inference, merge_control, pretrain, train, zero_to_fp32
 from tools import evaluate as evaluate_tool
 from tools import split as split_tool
 from tools._cli import make_parser, run
-from tools.demo_report import write_grid_figure, write_report
+from tools.demo_report import dice_summary, reference_scores, write_grid_figure, write_report
 
 logger = logging.getLogger("siamese.demo")
 REPO = Path(__file__).resolve().parents[1]
@@ -205,6 +196,8 @@ class Demo:
         logger.info("base: the shipped tiny base %s (sha256 ok)", SHIPPED_BASE)
 
     def scale_override(self) -> str:
+        from ldm.checkpoint import read_metadata  # torch-backed modules: imported when used (fast --help)
+
         base = self.path("base.safetensors")
         cfg = config_from_metadata(read_metadata(base), str(base))
         if cfg is None:
@@ -258,27 +251,14 @@ class Demo:
         self.tool("evaluate", "python -m tools.evaluate", evaluate_tool.main, argv)
 
     def references(self) -> dict[str, dict[str, float]]:
-        """What the rule and the base allow: the rule on the real training images, and on the base VAE's
-        reconstructions of them (no generator can place a lesion more exactly than its first stage draws it)."""
-        records = read_prompt_jsonl(self.path("split", "train", "prompt.json"))[:self.settings.pairs]
-        images = [read_image_rgb(r.target) for r in records]
-        masks = [read_mask(r.source) for r in records]
-        base = self.path("base.safetensors")
-        cfg = config_from_metadata(read_metadata(base), str(base))
-        net = build_latent_diffusion(cfg.model)
-        load_strict(net, load_state_dict(base)).raise_if_bad(str(base))
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.no_grad():
-            vae = net.first_stage_model
-            rec = ((vae.decode(vae.encode(x).mode()).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        rec_rgb = rec.permute(0, 2, 3, 1).numpy()
-        return {"real images": _summary([dice(segment_generated_lesion(i), m) for i, m in zip(images, masks)]),
-                "base VAE reconstructions": _summary([dice(segment_generated_lesion(i), m)
-                                                       for i, m in zip(rec_rgb, masks)])}
+        return reference_scores(self.path("split", "train", "prompt.json"), self.path("base.safetensors"),
+                                self.settings.pairs)
 
     def report(self, total_seconds: float) -> dict:
+        from siamese.evaluation.fidelity import score_pairs
+
         scores = {model: {mode: score_pairs(self.synth_dir(model, mode)) for mode in MODES} for model in self.models}
-        summary = {model: {mode: _summary([p.dice for p in pairs]) for mode, pairs in by_mode.items()}
+        summary = {model: {mode: dice_summary([p.dice for p in pairs]) for mode, pairs in by_mode.items()}
                    for model, by_mode in scores.items()}
         result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.settings).items()},
                   "fidelity": summary, "references": self.references(),
@@ -326,12 +306,6 @@ class Demo:
                    complete=self.path("eval", "report.json").is_file())
         logger.info("== report")
         return self.report(time.perf_counter() - start)
-
-
-def _summary(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return {"n": int(a.size), "mean": round(float(a.mean()), 4), "std": round(float(a.std()), 4),
-            "median": round(float(np.median(a)), 4), "share_ge_0.7": round(float((a >= 0.7).mean()), 4)}
 
 
 def prepare_out(out: Path, force: bool) -> None:

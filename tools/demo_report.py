@@ -1,4 +1,5 @@
-"""The demo's report: ``report.md`` (what ran, mask fidelity per model and mask mode) and ``grid.png``.
+"""The demo's report: ``report.md`` (what ran, mask fidelity per model and mask mode), ``grid.png`` and the
+reference scores (the rule on real images and on the base VAE's reconstructions).
 
 The grid shows, per row, one conditioning mask and what each model generated for it: mask | Siamese image |
 overlay (the mask's outline drawn on the Siamese image) | the other models' images, with a header naming the columns.
@@ -120,3 +121,38 @@ def write_report(path: Path, result: dict) -> Path:
               f"Skipped as already done: {', '.join(result['skipped_stages']) or 'none'}. "
               "The commands each stage ran are in `commands.sh`; every number is in `report.json`.", ""]
     return write_text_atomic(path, "\n".join(lines))
+
+
+def dice_summary(values: list[float]) -> dict[str, float]:
+    """n, mean, std, median and the share ≥ 0.7 of per-pair Dice values (4 decimals)."""
+    a = np.asarray(values, dtype=np.float64)
+    return {"n": int(a.size), "mean": round(float(a.mean()), 4), "std": round(float(a.std()), 4),
+            "median": round(float(np.median(a)), 4), "share_ge_0.7": round(float((a >= 0.7).mean()), 4)}
+
+
+def reference_scores(prompt_json: Path, base: Path, pairs: int) -> dict[str, dict[str, float]]:
+    """What the rule and the base allow: the colour rule on the first ``pairs`` real training images, and on the base
+    VAE's reconstructions of them (no generator can place a lesion more exactly than its first stage draws it)."""
+    from ldm.checkpoint import load_state_dict, load_strict, read_metadata
+
+    import torch
+
+    from siamese.config import config_from_metadata
+    from siamese.data.layout import read_prompt_jsonl
+    from siamese.evaluation.fidelity import dice, segment_generated_lesion
+    from siamese.factory import build_latent_diffusion
+
+    records = read_prompt_jsonl(prompt_json)[:pairs]
+    images = [read_image_rgb(r.target) for r in records]
+    masks = [read_mask(r.source) for r in records]
+    cfg = config_from_metadata(read_metadata(base), str(base))
+    net = build_latent_diffusion(cfg.model)
+    load_strict(net, load_state_dict(base)).raise_if_bad(str(base))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        vae = net.first_stage_model
+        rec = ((vae.decode(vae.encode(x).mode()).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    rec_rgb = rec.permute(0, 2, 3, 1).numpy()
+    return {"real images": dice_summary([dice(segment_generated_lesion(i), m) for i, m in zip(images, masks)]),
+            "base VAE reconstructions": dice_summary([dice(segment_generated_lesion(i), m)
+                                                       for i, m in zip(rec_rgb, masks)])}

@@ -41,16 +41,12 @@ from ldm.fileio import write_json_atomic, write_text_atomic
 
 import numpy as np
 
-from siamese.evaluation import quality
-from siamese.evaluation.benchmark import load_pairs, prepare_inputs, run_benchmark, segmenter_key, summarise_results
-from siamese.evaluation.features import equal_count, pixel_vectors, read_run_images
-from siamese.evaluation.fidelity import score_pairs, segmenter_rule
 from siamese.evaluation.report import benchmark_plot, benchmark_table, write_markdown
-from siamese.evaluation.segmenter import load_segmenter, save_segmenter, segmenter_trained_on, train_segmenter
-from siamese.evaluation.towers import INCEPTION_WEIGHTS_FILE, load_feature_extractor
+from siamese.evaluation.settings import INCEPTION_WEIGHTS_FILE
 from tools._cli import make_parser, run
 from tools.segmentation_benchmark import add_benchmark_args, benchmark_config, leak_lines, split_line
 
+# torch-backed modules are imported in the functions that use them: --help stays fast
 logger = logging.getLogger("siamese.evaluate")
 
 
@@ -59,17 +55,21 @@ def _finite(value: float) -> float | None:
 
 
 def _fidelity(args: argparse.Namespace, cfg, out: Path, inputs) -> dict:
+    from siamese.evaluation.benchmark import load_pairs, segmenter_key
+    from siamese.evaluation.fidelity import score_pairs, segmenter_rule
+    from siamese.evaluation.segmenter import load_segmenter, save_segmenter, segmenter_trained_on, train_segmenter
+
     """Mask fidelity of each synthetic run with the real-data segmenter (the benchmark's when it was trained on these
     very inputs, else trained here)."""
     path = out / "segmenter_real_seed0.safetensors"
-    key = segmenter_key(inputs.train_digests, cfg.segmenter, 0)
+    key = segmenter_key(inputs.train_digests, cfg.segmenter, 0, cfg.intensity)
     if segmenter_trained_on(path) == key:
         model, seg_cfg = load_segmenter(path, args.device)
     else:
         if path.is_file():
             logger.info("%s was trained on other inputs or settings: training it again", path)
         seg_cfg = cfg.segmenter
-        model = train_segmenter(load_pairs(inputs.split.train), seg_cfg, seed=0, device=args.device,
+        model = train_segmenter(load_pairs(inputs.split.train, cfg.intensity), seg_cfg, seed=0, device=args.device,
                                 progress=not args.no_progress, desc="fidelity segmenter")
         save_segmenter(model, seg_cfg, path, trained_on=key)
     segment = segmenter_rule(model, seg_cfg, args.device)
@@ -116,6 +116,8 @@ def add_tower_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 def feature_extractor(args: argparse.Namespace) -> tuple[object | None, str | None]:
     """(the tower the ``add_tower_args`` options name, its name), or (None, None) without one; a bad weights file
     fails here, before any segmenter trains."""
+    from siamese.evaluation.towers import load_feature_extractor
+
     if args.fid_count is not None and args.fid_count < 2:
         raise ValueError(f"--fid-count must be at least 2, got {args.fid_count}")
     if args.inception:
@@ -128,6 +130,9 @@ def feature_extractor(args: argparse.Namespace) -> tuple[object | None, str | No
 def _quality(args: argparse.Namespace, out: Path, split_train: list[Path], split_test: list[Path], extractor) -> dict:
     """FID/KID per synthetic run against the real training images; diversity and memorisation of all runs together
     (memorisation searched over the real training and test images, its thresholds calibrated on them)."""
+    from siamese.evaluation import quality
+    from siamese.evaluation.features import equal_count, pixel_vectors, read_run_images
+
     runs = [image for folder in args.synthetic for image in read_run_images(folder)]
     result: dict = {"feature_extractor": None if extractor is None else (args.features or "inception")}
     synth_paths = [r.path for r in runs]
@@ -211,6 +216,8 @@ def _report(args: argparse.Namespace, result: dict, out: Path, inputs) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
+    from siamese.evaluation.benchmark import prepare_inputs, run_benchmark, summarise_results
+
     start = time.perf_counter()
     out: Path = args.out
     cfg = benchmark_config(args)

@@ -22,17 +22,20 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ldm.checkpoint import load_state_dict, save_state_dict
 from ldm.fileio import replace_dir, write_json_atomic
 
-from torch import Tensor
-
-from cldm.diffusers_export import CONFIG_NAME, WEIGHTS_NAME, check_exportable, diffusers_config, to_diffusers
+from cldm.settings import DIFFUSERS_CONFIG_NAME as CONFIG_NAME
+from cldm.settings import DIFFUSERS_WEIGHTS_NAME as WEIGHTS_NAME
 from siamese.config import checkpoint_metadata, checkpoint_provenance
 from tools._cli import add_common_flags, check_output_dir, make_parser, run
 from tools.merge_control import resolve_config
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# torch-backed modules are imported in the functions that use them: --help stays fast
 
 logger = logging.getLogger("siamese.export_diffusers")
 # What --force may replace: a folder this tool (or diffusers' save_pretrained) wrote, nothing the user keeps there.
@@ -55,6 +58,8 @@ def check_replaceable(out: Path) -> None:
 def write_folder(out: Path, config: dict[str, Any], tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
     """``config.json`` and the weights, built complete in a temporary folder beside ``out`` and swapped in
     (``ldm.fileio.replace_dir``), so ``out`` is never half-written and a crash leaves the old or the new folder."""
+    from ldm.checkpoint import save_state_dict
+
     with replace_dir(out) as tmp:
         write_json_atomic(tmp / CONFIG_NAME, config, sort_keys=True)
         save_state_dict(tensors, tmp / WEIGHTS_NAME, metadata=metadata)
@@ -72,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _body(args: argparse.Namespace) -> int:
+    from ldm.checkpoint import load_state_dict
+
+    from cldm.diffusers_export import check_exportable, diffusers_config, to_diffusers
+
     out = check_output_dir(args.out, force=args.force)
     check_replaceable(out)
     if not args.ckpt.is_file():

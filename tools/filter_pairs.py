@@ -23,8 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-
-from ldm.regions import image_region
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,10 +31,12 @@ from siamese.data.images import read_image_rgb
 from siamese.data.masks import read_mask, resize_mask
 from siamese.data.pairs import complete_records, conditioning_mask_path
 from siamese.data.provenance import digest_file
-from siamese.evaluation.features import read_dataset_images
-from siamese.evaluation.towers import load_feature_extractor
-from siamese.meddiff.filtering import OwnBackground, default_band, judge, own_background, write_kept
 from tools._cli import check_output_dir, make_parser, run
+
+if TYPE_CHECKING:
+    from siamese.meddiff.filtering import OwnBackground
+
+# torch-backed modules are imported in the functions that use them: --help stays fast
 
 logger = logging.getLogger("siamese.filter_pairs")
 
@@ -71,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _generated_region(record: dict, src: Path, shape: tuple[int, int]) -> np.ndarray:
     """The image pixels a background-preserving pair generated (``ldm.regions.image_region`` of its conditioning
     mask), at the saved image's size; for ``--keep-size`` pairs computed on the grid they were sampled at."""
+    from ldm.regions import image_region
+
     mask = read_mask(conditioning_mask_path(record, src))
     spec, factor = record.get("region", "max-pool"), int(record.get("latent_factor", 8))
     sampled = tuple(record.get("sampled_size") or shape)
@@ -83,6 +86,8 @@ def _generated_region(record: dict, src: Path, shape: tuple[int, int]) -> np.nda
 def _own_backgrounds(args: argparse.Namespace, src: Path, records: dict, names: list[str], real_images: list[Path],
                      extractor) -> list[OwnBackground | None]:
     """For each pair made on a background: its region comparison with that background (None for the others)."""
+    from siamese.meddiff.filtering import OwnBackground, own_background
+
     with_bg = [n for n in names if records[n].get("background")]
     if not with_bg:
         return [None] * len(names)
@@ -115,6 +120,10 @@ def _own_backgrounds(args: argparse.Namespace, src: Path, records: dict, names: 
 
 
 def _body(args: argparse.Namespace) -> int:
+    from siamese.evaluation.features import read_dataset_images
+    from siamese.evaluation.towers import load_feature_extractor
+    from siamese.meddiff.filtering import default_band, judge, write_kept
+
     src, out = args.src, args.out
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the source folder; the source is never modified")

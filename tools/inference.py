@@ -21,16 +21,12 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ldm.checkpoint import CheckpointKeyError, read_metadata
 from ldm.fileio import file_sha256
-from ldm.regions import DEFAULT_REGION, REGION_HELP, parse_region
-from ldm.solvers import SAMPLERS
+from ldm.settings import DEFAULT_REGION, REGION_HELP, SAMPLERS, parse_region
 
-import torch
-from tqdm.auto import tqdm
-
-from cldm.hint import HINT_DOWNSAMPLE
+from cldm.settings import HINT_DOWNSAMPLE
 from siamese.config import (
     METADATA_CONFIG,
     METADATA_KIND,
@@ -41,31 +37,25 @@ from siamese.config import (
     config_hash,
     load_config,
 )
+from siamese.config.schema import MASK_MODES, PRECISIONS
 from siamese.data.masks import MaskAugment
 from siamese.data.pairs import IMAGES_DIR, MASKS_DIR, PairWriter, write_grid
 from siamese.data.provenance import Provenance, dataset_record, read_provenance
-from siamese.factory import build_latent_diffusion, build_model, load_weights
-from siamese.sampling import (
-    MASK_MODES,
-    PRECISIONS,
-    autocast_context,
-    batches,
-    check_masks,
-    collect_backgrounds,
-    collect_masks,
-    make_items,
-    parse_shard,
-    sample_pairs,
-    shard_items,
-)
 from tools._cli import add_common_flags, make_parser
 from tools._cli import run as run_cli
+
+if TYPE_CHECKING:
+    import torch
+
+# torch-backed modules are imported in the functions that use them: --help stays fast
 
 logger = logging.getLogger("siamese.inference")
 
 
 def resolve_config(config: Path | None, overrides: list[str], ckpt: Path) -> ExperimentConfig:
     """--config (+ overrides) if given, else the config in the checkpoint's metadata; warns when both disagree."""
+    from ldm.checkpoint import read_metadata
+
     meta = read_metadata(ckpt)  # FileNotFoundError (one line) for a missing checkpoint
     embedded = config_from_metadata(meta, str(ckpt))
     if config is None:
@@ -93,6 +83,8 @@ def check_shard_layout(writer: PairWriter, shards: int, batch_size: int) -> None
 
 
 def default_device() -> torch.device:
+    import torch
+
     api = getattr(torch, "accelerator", None)  # torch >= 2.6; older releases fall back to the CPU
     accelerator = api.current_accelerator() if api is not None and api.is_available() else None
     return torch.device(accelerator) if accelerator is not None else torch.device("cpu")
@@ -112,6 +104,8 @@ def sampling_provenance(ckpt: Path, masks: Path, backgrounds: Path | None) -> Pr
     (``checkpoint_provenance``), those of the masks' folder (a mask generator's output carries its provenance.json)
     and those of the background library (its provenance.json, e.g. ``tools.repair_backgrounds``', else a ``content``
     record of its image files by digest)."""
+    from siamese.sampling import collect_backgrounds
+
     found = checkpoint_provenance(ckpt).merge(_folder_provenance(masks, MASKS_DIR))
     if backgrounds is not None:
         library = _folder_provenance(backgrounds, IMAGES_DIR)
@@ -123,6 +117,24 @@ def sampling_provenance(ckpt: Path, masks: Path, backgrounds: Path | None) -> Pr
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     """The command behind main(); returns the summary (generated, skipped, sampling seconds)."""
+    from ldm.checkpoint import CheckpointKeyError, read_metadata
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from siamese.factory import build_latent_diffusion, build_model, load_weights
+    from siamese.sampling import (
+        autocast_context,
+        batches,
+        check_masks,
+        collect_backgrounds,
+        collect_masks,
+        make_items,
+        parse_shard,
+        sample_pairs,
+        shard_items,
+    )
+
     cfg = resolve_config(args.config, args.overrides, args.ckpt)
     steps = args.steps if args.steps is not None else cfg.sample.steps
     cfg_scale = args.cfg if args.cfg is not None else cfg.sample.cfg_scale
@@ -302,3 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 def _body(args: argparse.Namespace) -> int:
     run(args)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -26,14 +26,12 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ldm.checkpoint import load_state_dict, load_strict, read_metadata, save_state_dict
 from ldm.fileio import replace_dir, write_json_atomic
-from ldm.solvers import SAMPLERS
-from ldm.unet import UNetModel
+from ldm.settings import SAMPLERS
 
 import numpy as np
-import torch
 
 from siamese.config import (
     METADATA_CONFIG,
@@ -47,23 +45,12 @@ from siamese.config import (
 from siamese.data.images import write_png
 from siamese.data.masks import mask_to_png
 from siamese.data.provenance import Provenance
-from siamese.meddiff.maskgen import (
-    MaskDataset,
-    MaskDDPMModule,
-    build_denoiser,
-    build_schedule,
-    folder_masks,
-    mask_seed,
-    mask_statistics,
-    run_config,
-    sample_masks,
-    training_masks,
-    training_masks_record,
-)
-from siamese.run_dir import run_provenance
 from tools._cli import add_common_flags, check_output, check_output_dir, make_parser, run
-from tools.pretrain import consolidated_weights, stage_run
-from tools.train import train
+
+if TYPE_CHECKING:
+    from ldm.unet import UNetModel
+
+# torch-backed modules are imported in the functions that use them: --help stays fast
 
 logger = logging.getLogger("siamese.maskgen")
 KIND = "maskgen"
@@ -71,6 +58,21 @@ KIND = "maskgen"
 
 def train_maskgen(cfg_path: Path, overrides: list[str], out: Path, *, resume: str | None, force: bool,
                   unsafe_pickle: bool) -> Path:
+    from ldm.checkpoint import load_state_dict, load_strict, save_state_dict
+
+    from siamese.meddiff.maskgen import (
+        MaskDataset,
+        MaskDDPMModule,
+        build_denoiser,
+        build_schedule,
+        run_config,
+        training_masks,
+        training_masks_record,
+    )
+    from siamese.run_dir import run_provenance
+    from tools.pretrain import consolidated_weights, stage_run
+    from tools.train import train
+
     cfg = load_config(cfg_path, overrides)
     check_output(out, force=force)
     if cfg.data.root is not None and not Path(cfg.data.root).exists():
@@ -104,6 +106,10 @@ def train_maskgen(cfg_path: Path, overrides: list[str], out: Path, *, resume: st
 
 def load_maskgen(ckpt: Path, device: str = "cpu") -> tuple[ExperimentConfig, UNetModel]:
     """(config, denoiser in eval mode) from a ``train`` output."""
+    from ldm.checkpoint import load_state_dict, load_strict, read_metadata
+
+    from siamese.meddiff.maskgen import build_denoiser
+
     if not ckpt.is_file():
         raise FileNotFoundError(f"--ckpt not found: {ckpt}")
     meta = read_metadata(ckpt)
@@ -122,6 +128,17 @@ def sample_folder(ckpt: Path, out: Path, n: int, *, seed: int = 0, steps: int | 
                   sampler: str | None = None, eta: float | None = None) -> dict:
     """Sample ``n`` masks into ``out`` (see the module docstring); returns the statistics summary. ``sampler`` and
     ``eta`` (None: the checkpoint config's sample.sampler / sample.eta) choose the solver; η > 0 is DDIM only."""
+    import torch
+
+    from siamese.meddiff.maskgen import (
+        build_schedule,
+        folder_masks,
+        mask_seed,
+        mask_statistics,
+        sample_masks,
+        training_masks,
+    )
+
     if n <= 0 or batch_size <= 0:
         raise ValueError(f"--n and --batch-size must be > 0, got {n}, {batch_size}")
     if sampler is not None and sampler not in SAMPLERS:

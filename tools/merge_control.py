@@ -24,10 +24,6 @@ import logging
 import time
 from pathlib import Path
 
-from ldm.checkpoint import load_state_dict, read_metadata, save_state_dict
-
-from cldm.convert import check_against_model, expected_state, merge_weights, select
-from cldm.lora import fold_lora, has_lora
 from siamese.config import (
     ConfigError,
     ExperimentConfig,
@@ -36,14 +32,16 @@ from siamese.config import (
     config_from_metadata,
     load_config,
 )
-from siamese.factory import meta_model
 from tools._cli import add_common_flags, check_output, list_keys, make_parser, run
 
+# torch-backed modules are imported in the functions that use them: --help stays fast
 logger = logging.getLogger("siamese.merge_control")
 
 
 def resolve_config(explicit: Path | None, *checkpoints: Path) -> tuple[ExperimentConfig, str]:
     """``--config`` if given, else the first config a checkpoint carries in its metadata."""
+    from ldm.checkpoint import read_metadata
+
     if explicit is not None:
         return load_config(explicit), str(explicit)
     for path in checkpoints:
@@ -56,11 +54,15 @@ def resolve_config(explicit: Path | None, *checkpoints: Path) -> tuple[Experimen
 
 def trainable_names(cfg: ExperimentConfig) -> list[str]:
     """The trainable parameter names (original layout) of the config's method."""
+    from siamese.factory import meta_model
+
     return meta_model(cfg.model).configure_trainable(cfg.method.sd_locked)
 
 
 def fold_adapters(trained: dict, base: dict, cfg: ExperimentConfig, cfg_source: str, where: str) -> dict:
     """LoRA adapters of a ``method.lora`` run folded into their weights, ``W = W₀ + (α/r)·B·A`` (cldm/lora.py)."""
+    from cldm.lora import fold_lora
+
     lora = cfg.method.lora
     if not lora.enabled:
         raise ConfigError(f"{where} holds LoRA adapters but the config from {cfg_source} has method.lora disabled; "
@@ -85,6 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _body(args: argparse.Namespace) -> int:
+    from ldm.checkpoint import load_state_dict, save_state_dict
+
+    from cldm.convert import check_against_model, expected_state, merge_weights, select
+    from cldm.lora import has_lora
+    from siamese.factory import meta_model
+
     out = check_output(args.out, force=args.force)
     cfg, cfg_source = resolve_config(args.config, args.trained, args.base)
     start = time.perf_counter()
@@ -120,3 +128,7 @@ def _body(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run(_body, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -30,16 +30,11 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ldm.autoencoder import AutoencoderKL
-from ldm.checkpoint import filter_prefix, load_state_dict, load_strict, read_metadata, save_state_dict
 from ldm.fileio import copy_file_atomic
-from ldm.perceptual import PerceptualDistance
 
-import torch
-from torch.utils.data import Dataset
-
-from cldm.convert import FIRST_STAGE_PREFIX, check_against_model, to_float32, training_to_model_keys
+from cldm.settings import FIRST_STAGE_PREFIX
 from siamese.config import (
     PRETRAIN_STAGES,
     ConfigError,
@@ -52,11 +47,13 @@ from siamese.config import (
     to_yaml,
 )
 from siamese.data.provenance import Provenance
-from siamese.factory import build_dataset, build_first_stage, build_image_dataset, build_latent_diffusion
-from siamese.run_dir import run_provenance
 from tools._cli import add_common_flags, check_output, make_parser, run
-from tools.train import checkpoint_dir, find_latest_checkpoint, train
-from tools.zero_to_fp32 import read_training_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import Dataset
+
+# torch-backed modules are imported in the functions that use them: --help stays fast
 
 logger = logging.getLogger("siamese.pretrain")
 STAGE_FILES = {"autoencoder": "autoencoder.safetensors", "unet": "base.safetensors"}
@@ -70,6 +67,8 @@ def stage_result(cfg: ExperimentConfig, stage: str) -> Path:
 def stage_run(stage_cfg: ExperimentConfig, resume: str | None, force: bool) -> tuple[str | None, bool]:
     """(resume, force) for one stage: ``--resume latest`` continues a stage that has a checkpoint and starts one that
     has none (a stage killed before its first checkpoint starts over)."""
+    from tools.train import checkpoint_dir, find_latest_checkpoint
+
     has_checkpoint = find_latest_checkpoint(checkpoint_dir(stage_cfg), warn=False) is not None
     if resume and not has_checkpoint:
         return None, True
@@ -91,11 +90,15 @@ def finished_provenance(stage_cfg: ExperimentConfig, parents: Provenance,
                         dataset: Callable[[], Dataset]) -> Provenance:
     """The record a finished stage's file carries: its run's ``provenance.json`` (written when the stage started),
     else (a run started before provenance was recorded) the stage's parents and data now."""
+    from siamese.run_dir import run_provenance
+
     found = run_provenance(stage_cfg.train.output_dir)
     return found if found is not None else stage_provenance(stage_cfg, parents, dataset())
 
 
 def _init_weights(cfg: ExperimentConfig, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
+    from ldm.checkpoint import load_state_dict
+
     if not cfg.train.init_ckpt:
         return {}
     logger.info("initialising from %s", cfg.train.init_ckpt)
@@ -104,6 +107,10 @@ def _init_weights(cfg: ExperimentConfig, unsafe_pickle: bool) -> dict[str, torch
 
 def consolidated_weights(stage_cfg: ExperimentConfig, prefix: str, *, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
     """The newest checkpoint of a finished stage → fp32 weights under SD1.5 names (optimizer master weights)."""
+    from cldm.convert import to_float32, training_to_model_keys
+    from tools.train import checkpoint_dir, find_latest_checkpoint
+    from tools.zero_to_fp32 import read_training_checkpoint
+
     ckpt = find_latest_checkpoint(checkpoint_dir(stage_cfg))
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(stage_cfg)}")
@@ -115,6 +122,16 @@ def consolidated_weights(stage_cfg: ExperimentConfig, prefix: str, *, unsafe_pic
 def pretrain_autoencoder(cfg: ExperimentConfig, *, resume: str | None, force: bool,
                          unsafe_pickle: bool) -> tuple[dict[str, torch.Tensor], float]:
     """Stage 1 → (``first_stage_model.*`` weights, calibrated scale factor)."""
+    from ldm.autoencoder import AutoencoderKL
+    from ldm.checkpoint import filter_prefix, load_strict
+    from ldm.perceptual import PerceptualDistance
+
+    import torch
+
+    from cldm.pretrain import AutoencoderModule, latent_scale_factor  # Lightning: imported when training starts
+    from siamese.factory import build_first_stage, build_image_dataset
+    from tools.train import train
+
     ae = cfg.pretrain.autoencoder
     stage_cfg = stage_config(cfg, "autoencoder")
     first_stage = build_first_stage(cfg.model.first_stage)
@@ -124,7 +141,6 @@ def pretrain_autoencoder(cfg: ExperimentConfig, *, resume: str | None, force: bo
     if init:
         load_strict(first_stage, init).raise_if_bad(f"{cfg.train.init_ckpt} ({FIRST_STAGE_PREFIX}*)")
     perceptual = PerceptualDistance.from_file(ae.perceptual_weights) if ae.perceptual_weight > 0 else None
-    from cldm.pretrain import AutoencoderModule, latent_scale_factor  # Lightning: imported when training starts
 
     def build(c: ExperimentConfig) -> tuple[AutoencoderModule, Dataset]:
         module = AutoencoderModule(first_stage, lr=c.train.lr, kl_weight=ae.kl_weight, perceptual=perceptual,
@@ -155,6 +171,8 @@ def with_scale(cfg: ExperimentConfig, scale: float) -> ExperimentConfig:
 
 def _first_stage_result(cfg: ExperimentConfig, unsafe_pickle: bool) -> tuple[dict[str, torch.Tensor], float]:
     """The first stage the UNet stage trains on: stage 1's result, else ``train.init_ckpt``'s VAE."""
+    from ldm.checkpoint import load_state_dict, read_metadata
+
     result = stage_result(cfg, "autoencoder")
     if result.is_file():
         embedded = config_from_metadata(read_metadata(result), str(result))
@@ -170,6 +188,8 @@ def _first_stage_result(cfg: ExperimentConfig, unsafe_pickle: bool) -> tuple[dic
 def unet_dataset(cfg: ExperimentConfig) -> Dataset:
     """What the UNet stage trains on: the masked (MedDiff-FT) losses need image-mask pairs; plain pretraining takes
     any images."""
+    from siamese.factory import build_dataset, build_image_dataset
+
     return build_image_dataset(cfg) if cfg.pretrain.unet.loss_region == "all" else build_dataset(cfg)
 
 
@@ -177,6 +197,15 @@ def pretrain_unet(cfg: ExperimentConfig, first_stage: dict[str, torch.Tensor], *
                   unsafe_pickle: bool, parents: Provenance | None = None) -> dict[str, torch.Tensor]:
     """Stage 2 → the whole base model's weights under SD1.5 names (``cfg`` carries the calibrated scale factor);
     ``parents``: the records of what it starts from (init checkpoint, first stage)."""
+    from ldm.checkpoint import load_strict
+
+    import torch
+
+    from cldm.convert import check_against_model
+    from cldm.pretrain import LatentDiffusionModule  # Lightning: imported when training starts
+    from siamese.factory import build_latent_diffusion
+    from tools.train import train
+
     stage_cfg = stage_config(cfg, "unet")
     net = build_latent_diffusion(cfg.model)
     init = {k: v for k, v in _init_weights(cfg, unsafe_pickle).items() if not k.startswith(FIRST_STAGE_PREFIX)}
@@ -190,8 +219,6 @@ def pretrain_unet(cfg: ExperimentConfig, first_stage: dict[str, torch.Tensor], *
                               f"{unknown[0]}; is it an SD checkpoint of this geometry?")
         state.update({k: v for k, v in init.items() if k in state and not k.endswith("position_ids")})
         load_strict(net, state).raise_if_bad("base model")
-
-    from cldm.pretrain import LatentDiffusionModule  # Lightning: imported when training starts
 
     def build(c: ExperimentConfig) -> tuple[LatentDiffusionModule, Dataset]:
         unet_cfg = cfg.pretrain.unet
@@ -215,6 +242,10 @@ def pretrain(cfg: ExperimentConfig, out: Path, stages: tuple[str, ...], *, resum
              force: bool = False, unsafe_pickle: bool = False) -> Path | None:
     """Run the requested stages (a finished one is skipped unless ``force``); returns the base file when the UNet
     stage ran (or had run)."""
+    from ldm.checkpoint import read_metadata, save_state_dict
+
+    from siamese.factory import build_image_dataset
+
     start = time.perf_counter()
     if "autoencoder" in stages:
         result = stage_result(cfg, "autoencoder")

@@ -27,18 +27,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from ldm.checkpoint import CheckpointKeyError, read_metadata
 from ldm.fileio import file_sha256
-from ldm.solvers import SAMPLERS
-
-from tqdm.auto import tqdm
+from ldm.settings import SAMPLERS
 
 from siamese.config import METADATA_KIND, checkpoint_provenance
-from siamese.factory import build_latent_diffusion, load_weights
-from siamese.meddiff.repair import repair, repair_items, repair_provenance, write_repairs
 from tools._cli import add_common_flags, check_output_dir, make_parser, run
 from tools.inference import default_device, resolve_config
 
+# torch-backed modules are imported in the functions that use them: --help stays fast
 logger = logging.getLogger("siamese.repair")
 
 
@@ -71,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _body(args: argparse.Namespace) -> int:
+    from ldm.checkpoint import CheckpointKeyError, read_metadata
+
+    from tqdm.auto import tqdm
+
+    from siamese.factory import build_latent_diffusion, load_weights
+    from siamese.meddiff.repair import repair, repair_items, repair_provenance, write_repairs
+
     cfg = resolve_config(args.config, args.overrides, args.ckpt)
     if read_metadata(args.ckpt).get(METADATA_KIND) != "base":
         raise ValueError(f"{args.ckpt} is not a base model of tools.pretrain (the non-lesion generator is one: "

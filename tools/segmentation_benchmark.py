@@ -29,11 +29,11 @@ import logging
 import time
 from pathlib import Path
 
-from siamese.evaluation.benchmark import BenchmarkConfig, prepare_inputs, run_benchmark, summarise_results
 from siamese.evaluation.report import arm_label, benchmark_plot, benchmark_table, write_markdown
-from siamese.evaluation.segmenter import NETWORKS, SegmenterConfig
+from siamese.evaluation.settings import NETWORKS, BenchmarkConfig, SegmenterConfig
 from tools._cli import make_parser, run
 
+# torch-backed modules are imported in the functions that use them: --help stays fast
 logger = logging.getLogger("siamese.segmentation_benchmark")
 
 
@@ -67,6 +67,9 @@ def add_benchmark_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resolution", type=int, default=128, help="segmenter input size (default 128)")
     g.add_argument("--seg-steps", type=int, default=300, help="segmenter training steps (default 300)")
     g.add_argument("--seg-batch", type=int, default=8, help="segmenter batch size (default 8)")
+    g.add_argument("--intensity", default="auto", metavar="MODE",
+                   help="how 16-bit / float real images become 8 bit: auto, full_range, minmax, "
+                        "percentile[:LOW,HIGH]; use the data.intensity the generators were trained with (auto)")
     g.add_argument("--device", default="cpu", help="torch device for the segmenter (default cpu)")
     g.add_argument("--allow-generator-leak", action="store_true",
                    help="accept synthetic folders whose models saw test images, or that carry no provenance (the "
@@ -79,7 +82,8 @@ def benchmark_config(args: argparse.Namespace) -> BenchmarkConfig:
     return BenchmarkConfig(seeds=args.seeds, ratios=args.synthetic_ratio,
                            arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
                            test_fraction=args.test_fraction, split_seed=args.split_seed,
-                           group_regex=args.group_regex, segmenter=segmenter, pretrain_share=args.pretrain_share)
+                           group_regex=args.group_regex, segmenter=segmenter, pretrain_share=args.pretrain_share,
+                           intensity=args.intensity)
 
 
 def leak_lines(inputs) -> list[str]:
@@ -110,12 +114,16 @@ def shown(summary: list[dict]) -> list[dict]:
 
 def benchmark_report(rows: list[dict], out: Path) -> list[str]:
     """Write OUT/benchmark.png; return the markdown lines of the table."""
+    from siamese.evaluation.benchmark import summarise_results
+
     summary = shown(summarise_results(rows))
     benchmark_plot(summary, out / "benchmark.png")
     return benchmark_table(summary)
 
 
 def _body(args: argparse.Namespace) -> int:
+    from siamese.evaluation.benchmark import prepare_inputs, run_benchmark
+
     start = time.perf_counter()
     cfg = benchmark_config(args)
     inputs = prepare_inputs(args.real, args.synthetic, args.out, cfg, allow_generator_leak=args.allow_generator_leak,

@@ -29,11 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
-
-from cldm.checkpoints import find_latest_checkpoint
-from cldm.data_order import StepSampler
 from siamese.config import (
     ConfigError,
     ExperimentConfig,
@@ -44,24 +39,11 @@ from siamese.config import (
     to_yaml,
     with_data_prompt,
 )
-from siamese.data.datasets import MaskImageDataset, dataset_prompts
 from siamese.data.provenance import Provenance, external
-from siamese.factory import add_adapters, build_dataset, build_model, load_weights
-from siamese.run_dir import (
-    UNIVERSAL_DIR,
-    is_first_process,
-    loadable_checkpoint,
-    planned_world_size,
-    prepare_fresh,
-    record_cost,
-    record_segment,
-    resume_config,
-    resume_target,
-    run_provenance,
-)
 
-if TYPE_CHECKING:  # Lightning is imported where a trainer is built, so --help and the config tools stay fast
+if TYPE_CHECKING:  # torch and Lightning are imported where they are used, so --help and the config tools stay fast
     import pytorch_lightning as pl
+    from torch.utils.data import Dataset
 
     from cldm.callbacks import MaskValidation
     from cldm.lightning import ControlNetModule, TrainModule
@@ -74,6 +56,7 @@ __all__ = ["build_module", "check_paths", "checkpoint_dir", "find_latest_checkpo
 
 def build_module(cfg: ExperimentConfig, *, unsafe_pickle: bool = False) -> ControlNetModule:
     from cldm.lightning import ControlNetModule, TrainSettings
+    from siamese.factory import add_adapters, build_model, load_weights
     from siamese.lightning import SiameseModule
 
     net = build_model(cfg.model)
@@ -91,6 +74,13 @@ def build_module(cfg: ExperimentConfig, *, unsafe_pickle: bool = False) -> Contr
     if cfg.method.name == "controlnet":
         return ControlNetModule(net, settings)
     return SiameseModule(net, settings, cfg.method.weights, cfg.method.recipe(cfg.train.total_steps))
+
+
+def find_latest_checkpoint(directory: Path, *, warn: bool = True) -> Path | None:
+    """The newest complete ``step=N.ckpt`` in ``directory`` (``cldm.checkpoints.find_latest_checkpoint``)."""
+    from cldm.checkpoints import find_latest_checkpoint as newest
+
+    return newest(directory, warn=warn)
 
 
 def checkpoint_dir(cfg: ExperimentConfig) -> Path:
@@ -111,6 +101,8 @@ def check_paths(cfg: ExperimentConfig) -> None:
 
 def _fixed_samples(dataset: Dataset, count: int) -> dict:
     """The first ``count`` items, collated: the image logger's fixed samples."""
+    from torch.utils.data import default_collate
+
     return default_collate([dataset[i] for i in range(min(count, len(dataset)))])
 
 
@@ -130,13 +122,13 @@ def make_loggers(cfg: ExperimentConfig) -> list:
 
 
 def validation_callback(cfg: ExperimentConfig) -> MaskValidation:
-    from cldm.callbacks import MaskValidation
-
     """Fixed held-out masks (``train.val_masks``, or generated ones the training never sees) with fixed seeds, scored
     by mask fidelity: Dice of a segmentation of each sample against its mask (``train.val_segmenter``, or the colour
     rule of the generated domain; without either, only the grid is logged)."""
     import numpy as np
+    import torch
 
+    from cldm.callbacks import MaskValidation
     from siamese.data.layout import DEFAULT_PROMPT
     from siamese.data.masks import read_mask, resize_mask
     from siamese.data.synthetic import synthetic_pair
@@ -189,6 +181,8 @@ def training_provenance(cfg: ExperimentConfig, dataset: Dataset) -> Provenance:
 def provenance_metadata(run: Path) -> Callable[[], dict[str, str]]:
     """The run's provenance as safetensors metadata, read when called (the EMA export, at the end of training)."""
     def metadata() -> dict[str, str]:
+        from siamese.run_dir import run_provenance
+
         found = run_provenance(run)
         return found.to_metadata() if found is not None else {}
     return metadata
@@ -196,6 +190,7 @@ def provenance_metadata(run: Path) -> Callable[[], dict[str, str]]:
 
 def make_trainer(cfg: ExperimentConfig, *, load_universal: bool = False) -> pl.Trainer:
     import pytorch_lightning as pl
+    import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from cldm.callbacks import EMACallback, FinalCheckpoint, StepProgressBar
@@ -241,8 +236,23 @@ def train(cfg: ExperimentConfig, *, resume: str | Path | None = None, force: boo
     export, ``zero_to_fp32.py`` and ``tool_merge_control.py`` carry it on.
     """
     import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader
 
     from cldm.callbacks import AtTrainStart, ImageLogger
+    from cldm.data_order import StepSampler
+    from siamese.data.datasets import MaskImageDataset, dataset_prompts
+    from siamese.factory import build_dataset
+    from siamese.run_dir import (
+        UNIVERSAL_DIR,
+        is_first_process,
+        loadable_checkpoint,
+        planned_world_size,
+        prepare_fresh,
+        record_cost,
+        record_segment,
+        resume_target,
+    )
 
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     # The frozen VAE and text encoder stay in eval mode on purpose.
@@ -335,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         changes: dict = {}
         ckpt = None
         if args.resume:
+            from siamese.run_dir import resume_config, resume_target
+
             hint = Path(load_config(args.config, args.overrides).train.output_dir) if args.resume == "latest" else None
             run, ckpt = resume_target(args.resume, hint or Path("."))
             cfg, changes = resume_config(run, args.overrides)
@@ -353,3 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("done: %d steps; newest checkpoint: %s", trainer.global_step,
                     find_latest_checkpoint(checkpoint_dir(cfg)) or "-")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,35 +22,18 @@ import logging
 import time
 from pathlib import Path
 
-from ldm.checkpoint import compare_keys, load_state_dict, save_state_dict
-
-from cldm.checkpoints import (
-    MARKER,
-    find_latest_checkpoint,
-    incomplete_reason,
-    zero_checkpoint_to_state_dict,
-    zero_pickle_globals,
-)
-from cldm.convert import (
-    IGNORED_PREFIXES,
-    OPTIONAL_SUFFIXES,
-    check_against_model,
-    expected_state,
-    to_float32,
-    training_to_model_keys,
-)
-from cldm.lora import plain_name, plain_names
 from siamese.config import ExperimentConfig, checkpoint_metadata, checkpoint_provenance, load_config
-from siamese.factory import meta_training_model
-from siamese.run_dir import find_run_provenance
 from tools._cli import add_common_flags, check_output, make_parser, run
 
+# torch-backed modules are imported in the functions that use them: --help stays fast
 logger = logging.getLogger("siamese.zero_to_fp32")
 _CONFIG_SEARCH_DEPTH = 3  # step=N.ckpt/checkpoint → step=N.ckpt → checkpoints → run dir
 
 
 def resolve_checkpoint(path: Path) -> Path:
     """A ZeRO checkpoint directory or file from what the user passed (a run dir picks its newest checkpoint)."""
+    from cldm.checkpoints import MARKER, find_latest_checkpoint, incomplete_reason
+
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_file() or (path / "latest").is_file() or (path / "mp_rank_00_model_states.pt").is_file():
@@ -79,6 +62,10 @@ def find_run_config(ckpt: Path) -> Path | None:
 
 def read_training_checkpoint(ckpt: Path, *, unsafe_pickle: bool = False) -> dict:
     """The LightningModule's state (``net.*`` names) from a ZeRO directory or a single-file Lightning checkpoint."""
+    from ldm.checkpoint import load_state_dict
+
+    from cldm.checkpoints import zero_checkpoint_to_state_dict, zero_pickle_globals
+
     if ckpt.is_dir():
         return zero_checkpoint_to_state_dict(ckpt, unsafe_pickle=unsafe_pickle)
     # Safe loading, with the numpy RNG state and DeepSpeed types a training checkpoint holds allowed by name.
@@ -88,6 +75,19 @@ def read_training_checkpoint(ckpt: Path, *, unsafe_pickle: bool = False) -> dict
 def convert(ckpt: Path, cfg: ExperimentConfig | None, *, unsafe_pickle: bool = False) -> tuple[dict, int]:
     """The fp32 state dict under the model's names (checked strictly against ``cfg`` when given) and the cast
     count."""
+    from ldm.checkpoint import compare_keys
+
+    from cldm.convert import (
+        IGNORED_PREFIXES,
+        OPTIONAL_SUFFIXES,
+        check_against_model,
+        expected_state,
+        to_float32,
+        training_to_model_keys,
+    )
+    from cldm.lora import plain_name, plain_names
+    from siamese.factory import meta_training_model
+
     state = training_to_model_keys(read_training_checkpoint(ckpt, unsafe_pickle=unsafe_pickle), where=str(ckpt))
     state, cast = to_float32(plain_names(state))  # LoRA layers: original names + X.lora_A/B.weight
     if cfg is None:
@@ -116,6 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _body(args: argparse.Namespace) -> int:
+    from ldm.checkpoint import save_state_dict
+
+    from siamese.run_dir import find_run_provenance
+
     out = check_output(args.out, force=args.force)
     ckpt = resolve_checkpoint(args.ckpt)
     config_path = args.config or find_run_config(ckpt)
@@ -138,3 +142,7 @@ def _body(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run(_body, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

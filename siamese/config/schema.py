@@ -134,6 +134,10 @@ class TrainConfig:
     #                                   generated data, else the grid only
 
 
+MASK_MODES = ("real", "random")  # sampling conditions on each mask as given, or on a randomly augmented copy
+PRECISIONS = ("fp32", "bf16", "fp16")  # sampling precisions (``siamese.sampling.autocast_context``)
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     steps: int = 50

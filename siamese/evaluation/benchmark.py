@@ -48,45 +48,14 @@ from siamese.data.provenance import digest_file
 from siamese.data.split import Pair
 from siamese.evaluation.leaks import NEAR_DUPLICATE_CORRELATION, LeakReport, check_synthetic, near_duplicates
 from siamese.evaluation.metrics import dice, iou
-from siamese.evaluation.segmenter import SegmenterConfig, predict, save_segmenter, train_segmenter
+from siamese.evaluation.segmenter import predict, save_segmenter, train_segmenter
+from siamese.evaluation.settings import ARMS, BenchmarkConfig, SegmenterConfig  # noqa: F401  (re-exported)
 from siamese.evaluation.splits import RealSplit, check_no_leak, real_split
 
 logger = logging.getLogger(__name__)
 
 RESULTS = "results.csv"
 COLUMNS = ("arm", "pool", "ratio", "seed", "n_real", "n_synthetic", "steps", "mdice", "miou", "seconds", "inputs")
-ARMS = ("real", "real+synthetic", "synthetic", "pretrain-finetune")
-
-
-@dataclass(frozen=True)
-class BenchmarkConfig:
-    seeds: int = 3
-    ratios: tuple[float, ...] = (1.0,)
-    arms: tuple[str, ...] = ("real", "real+synthetic", "synthetic")
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    group_regex: str | None = None
-    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
-    pretrain_share: float = 0.5  # pretrain-finetune: share of segmenter.steps on the synthetic pairs
-
-    def __post_init__(self) -> None:
-        unknown = set(self.arms) - set(ARMS)
-        if unknown:
-            raise ValueError(f"unknown arm(s) {sorted(unknown)}; expected {', '.join(ARMS)}")
-        if not 0.0 < self.pretrain_share < 1.0:
-            raise ValueError(f"--pretrain-share must be in (0, 1), got {self.pretrain_share}")
-        if self.seeds < 1 or not self.ratios or min(self.ratios) <= 0:
-            raise ValueError("need --seeds >= 1 and positive --synthetic-ratio values")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
-    def phases(self) -> tuple[int, int]:
-        """pretrain-finetune's (synthetic steps, real steps): together ``segmenter.steps``, the budget of every arm."""
-        pre = min(self.segmenter.steps - 1, max(1, round(self.pretrain_share * self.segmenter.steps)))
-        return pre, self.segmenter.steps - pre
 
 
 @dataclass
@@ -132,27 +101,33 @@ def _key(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def segmenter_key(train: Sequence[Sequence[str]], cfg: SegmenterConfig, seed: int) -> str:
-    """The key of a segmenter's inputs: its training pairs (digests, in order), its settings, its seed."""
-    return _key({"train": list(map(list, train)), "segmenter": asdict(cfg), "seed": seed})
+def _intensity(intensity: str) -> dict:
+    """How the real images were decoded, in a key: absent for ``auto`` (the keys made before it could be chosen)."""
+    return {} if intensity == "auto" else {"intensity": intensity}
+
+
+def segmenter_key(train: Sequence[Sequence[str]], cfg: SegmenterConfig, seed: int, intensity: str = "auto") -> str:
+    """The key of a segmenter's inputs: its training pairs (digests, in order, and how their images were decoded),
+    its settings, its seed."""
+    return _key({"train": list(map(list, train)), "segmenter": asdict(cfg), "seed": seed, **_intensity(intensity)})
 
 
 def row_key(arm: str, ratio: float, seed: int, count: int, inputs: Inputs, cfg: SegmenterConfig, *,
-            pool: str = "all", phases: tuple[int, int] | None = None) -> str:
+            pool: str = "all", phases: tuple[int, int] | None = None, intensity: str = "auto") -> str:
     """The key of one result row: its schedule (arm, pool, pretrain-finetune's phases), the segmenter's inputs (real
     training pairs for the arms that use them, the first ``count`` synthetic pairs of the pool) and the test pairs
-    it is scored on. A row whose key differs is recomputed."""
+    it is scored on (and how the real images are decoded). A row whose key differs is recomputed."""
     synth = inputs.pool_digests(pool)[:count]
     if arm == "pretrain-finetune":
         assert phases is not None
         return _key({"arm": arm, "pool": pool, "ratio": float(ratio), "phases": list(phases),
                      "pretrain": segmenter_key(synth, replace(cfg, steps=phases[0]), seed),
                      "finetune": segmenter_key(inputs.train_digests, replace(cfg, steps=phases[1]), seed),
-                     "test": inputs.test_digests})
+                     "test": inputs.test_digests, **_intensity(intensity)})
     train = (inputs.train_digests if arm != "synthetic" else []) + synth
     extra = {"pool": pool} if pool != "all" else {}  # keys of the all-pool rows as before the pools existed
     return _key({"arm": arm, "ratio": float(ratio), "segmenter": segmenter_key(train, cfg, seed),
-                 "test": inputs.test_digests, **extra})
+                 "test": inputs.test_digests, **extra, **_intensity(intensity)})
 
 
 def check_unique_stems(pairs: Sequence[Pair], what: str) -> None:
@@ -249,8 +224,8 @@ def prepare_inputs(real_root: str | Path, synthetic: Sequence[str | Path], out: 
     return inputs
 
 
-def load_pairs(pairs: Sequence[Pair]) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(read_image_rgb(p.image), read_mask(p.mask)) for p in pairs]
+def load_pairs(pairs: Sequence[Pair], intensity: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(read_image_rgb(p.image, intensity), read_mask(p.mask)) for p in pairs]
 
 
 def score(model, pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: SegmenterConfig, device: str = "cpu"
@@ -302,7 +277,7 @@ def plan_runs(cfg: BenchmarkConfig, inputs: Inputs) -> list[dict]:
                     plan.append({"arm": arm, "pool": pool, "ratio": float(ratio), "seed": seed, "count": count,
                                  "phases": phases, "steps": steps,
                                  "key": row_key(arm, ratio, seed, count, inputs, cfg.segmenter, pool=pool,
-                                                phases=phases)})
+                                                phases=phases, intensity=cfg.intensity)})
     return plan
 
 
@@ -337,8 +312,8 @@ def run_benchmark(real_root: str | Path, synthetic: Sequence[str | Path], out: s
     logger.info("%d real train / %d test pairs, %d synthetic pairs%s; %d runs (%d done): %s", len(train_real),
                 len(test), len(inputs.synthetic), f" ({len(inputs.filtered)} filtered)" if inputs.filtered else "",
                 len(plan), len(plan) - len(todo), ", ".join(_label(p) for p in todo))
-    test_data = load_pairs(test) if todo else []
-    real_data = load_pairs(train_real) if todo else []
+    test_data = load_pairs(test, cfg.intensity) if todo else []
+    real_data = load_pairs(train_real, cfg.intensity) if todo else []
     cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
     for n, run in enumerate(todo, 1):
         arm, pool, seed, count = run["arm"], run["pool"], run["seed"], run["count"]
@@ -346,7 +321,7 @@ def run_benchmark(real_root: str | Path, synthetic: Sequence[str | Path], out: s
         check_no_leak((train_real if arm != "synthetic" else []) + chosen, test)
         for i in range(count):
             if (pool, i) not in cache:
-                cache[pool, i] = load_pairs([chosen[i]])[0]
+                cache[pool, i] = load_pairs([chosen[i]], cfg.intensity)[0]
         synth_data = [cache[pool, i] for i in range(count)]
         start = time.perf_counter()
         desc = f"[{n}/{len(todo)}] {_label(run)}"
@@ -361,7 +336,7 @@ def run_benchmark(real_root: str | Path, synthetic: Sequence[str | Path], out: s
             model = train_segmenter(data, cfg.segmenter, seed=seed, device=device, progress=progress, desc=desc)
         if arm == "real" and seed == 0:
             save_segmenter(model, cfg.segmenter, out / "segmenter_real_seed0.safetensors",
-                           trained_on=segmenter_key(inputs.train_digests, cfg.segmenter, 0))
+                           trained_on=segmenter_key(inputs.train_digests, cfg.segmenter, 0, cfg.intensity))
         metrics = score(model, test_data, cfg.segmenter, device)
         row = {"arm": arm, "pool": pool, "ratio": run["ratio"], "seed": seed,
                "n_real": len(train_real) if arm != "synthetic" else 0, "n_synthetic": count, "steps": run["steps"],

@@ -157,11 +157,11 @@ def _fid_kid(extractor, real_images: list[Path], folder: Path, count: int | None
 
 def _real_segmenter(bench_out: Path, inputs, cfg: BenchmarkConfig, device: str, progress: bool):
     path = bench_out / "segmenter_real_seed0.safetensors"
-    key = segmenter_key(inputs.train_digests, cfg.segmenter, 0)
+    key = segmenter_key(inputs.train_digests, cfg.segmenter, 0, cfg.intensity)
     if segmenter_trained_on(path) == key:
         return load_segmenter(path, device)
-    model = train_segmenter(load_pairs(inputs.split.train), cfg.segmenter, seed=0, device=device, progress=progress,
-                            desc="fidelity segmenter")
+    model = train_segmenter(load_pairs(inputs.split.train, cfg.intensity), cfg.segmenter, seed=0, device=device,
+                            progress=progress, desc="fidelity segmenter")
     save_segmenter(model, cfg.segmenter, path, trained_on=key)
     return model, cfg.segmenter
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -28,31 +27,9 @@ from tqdm.auto import tqdm
 
 from siamese.data.images import resize_image
 from siamese.data.masks import resize_mask
+from siamese.evaluation.settings import NETWORKS, SegmenterConfig  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
-
-NETWORKS = ("basic_unet", "smp_unet")
-
-
-@dataclass(frozen=True)
-class SegmenterConfig:
-    network: str = "basic_unet"  # basic_unet (MONAI) | smp_unet (segmentation-models-pytorch, resnet encoder)
-    features: tuple[int, ...] = (16, 32, 64, 128, 256, 16)  # BasicUNet widths
-    encoder: str = "resnet18"  # smp_unet encoder (random init)
-    resolution: int = 128
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 1e-3
-    threshold: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.network not in NETWORKS:
-            raise ValueError(f"segmenter network {self.network!r} is not one of {list(NETWORKS)}")
-        if self.resolution % 16 or self.resolution <= 0:
-            raise ValueError(f"segmenter resolution must be a positive multiple of 16, got {self.resolution}")
-        if self.steps <= 0 or self.batch_size <= 0 or self.lr <= 0:
-            raise ValueError("segmenter steps, batch_size and lr must be > 0")
-
 
 def build_segmenter(cfg: SegmenterConfig) -> nn.Module:
     """The network, randomly initialised (1 output channel: lesion logits)."""

@@ -28,13 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from siamese.evaluation.features import FeatureExtractor
+from siamese.evaluation.settings import INCEPTION_WEIGHTS_FILE
 
 __all__ = ["INCEPTION_URL", "INCEPTION_WEIGHTS_FILE", "load_feature_extractor"]
 
 logger = logging.getLogger(__name__)
 
-# torch-fidelity's FID Inception-v3 ("pt_inception-2015-12-05"); the same file torchmetrics' FID loads.
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 INCEPTION_SIZE = 299
 
