@@ -337,3 +337,17 @@ def test_ema_only_file_without_the_model_keys_is_refused(pipeline, tmp_path):
     save_state_dict(small, tmp_path / "ema-short.safetensors")
     with pytest.raises(ValueError, match=r"lacks 1 of the model's \d+ UNet tensors"):
         load_sd_weights(tmp_path / "ema-short.safetensors", expected=expected_state(meta_model(CFG.model)))
+
+
+def test_pretrain_starts_from_a_diffusers_folder(pipeline):
+    """``tools.pretrain train.init_ckpt=FOLDER`` reads a diffusers pipeline as tool_add_control.py does, and the
+    base model has every key it brings (pretrain_unet refuses unknown ones)."""
+    from dataclasses import replace
+
+    from tools import pretrain as pretrain_tool
+
+    cfg = replace(CFG, train=replace(CFG.train, init_ckpt=str(pipeline["folder"])))
+    state = pretrain_tool._init_weights(cfg, unsafe_pickle=False)
+    reference = pipeline["weights"].state
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
+    assert not set(state) - set(build_latent_diffusion(CFG.model).state_dict())

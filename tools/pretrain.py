@@ -97,12 +97,22 @@ def finished_provenance(stage_cfg: ExperimentConfig, parents: Provenance,
 
 
 def _init_weights(cfg: ExperimentConfig, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
+    """``train.init_ckpt`` in the original layout: a single file as it is, a diffusers pipeline folder converted
+    (``cldm.convert.load_sd_weights``, as ``tool_add_control.py`` reads it)."""
     from ldm.checkpoint import load_state_dict
 
     if not cfg.train.init_ckpt:
         return {}
-    logger.info("initialising from %s", cfg.train.init_ckpt)
-    return load_state_dict(cfg.train.init_ckpt, unsafe_pickle=unsafe_pickle)
+    path = Path(cfg.train.init_ckpt)
+    logger.info("initialising from %s", path)
+    if path.is_dir():
+        from cldm.convert import load_sd_weights
+
+        weights = load_sd_weights(path, unsafe_pickle=unsafe_pickle)
+        for note in weights.notes:
+            logger.info("  %s", note)
+        return weights.state
+    return load_state_dict(path, unsafe_pickle=unsafe_pickle)
 
 
 def consolidated_weights(stage_cfg: ExperimentConfig, prefix: str, *, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
@@ -303,8 +313,10 @@ def _body(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(to_yaml(cfg))
         return 0
-    if cfg.train.init_ckpt and not Path(cfg.train.init_ckpt).is_file():
-        raise FileNotFoundError(f"train.init_ckpt not found: {cfg.train.init_ckpt}")
+    init = Path(cfg.train.init_ckpt) if cfg.train.init_ckpt else None
+    if init is not None and not (init.is_file() or (init / "model_index.json").is_file()):
+        raise FileNotFoundError(f"train.init_ckpt not found: {init} (expected an SD1.x file, .safetensors/.ckpt, or "
+                                "a diffusers pipeline folder with model_index.json)")
     if args.resume not in (None, "latest"):
         raise ConfigError("--resume takes 'latest' here (each stage resumes from its own newest checkpoint)")
     out = args.out or stage_result(cfg, "unet")
