@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ldm.fileio import file_sha256
+from ldm.progress import progress
 from ldm.settings import DEFAULT_REGION, REGION_HELP, SAMPLERS, parse_region
 
 from cldm.settings import HINT_DOWNSAMPLE
@@ -120,7 +121,6 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     from ldm.checkpoint import CheckpointKeyError, read_metadata
 
     import torch
-    from tqdm.auto import tqdm
 
     from siamese.factory import build_latent_diffusion, build_model, load_weights
     from siamese.sampling import (
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                              precision=args.precision, batched_cfg=not args.separate_cfg, sampler=sampler,
                              cfg_mask=cfg_mask, backgrounds=backgrounds, region=region,
                              intensity=cfg.data.intensity)
-        for pair in tqdm(pairs, total=len(rerun), unit="pair", desc="sampling", disable=args.no_progress or None):
+        for pair in progress(pairs, total=len(rerun), unit="pair", desc="sampling", disable=args.no_progress):
             if pair.item.name in todo_names:
                 writer.write(pair)
         seconds = time.perf_counter() - start

@@ -28,6 +28,7 @@ import logging
 from pathlib import Path
 
 from ldm.fileio import file_sha256
+from ldm.progress import progress
 from ldm.settings import SAMPLERS
 
 from siamese.config import METADATA_KIND, checkpoint_provenance
@@ -68,8 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _body(args: argparse.Namespace) -> int:
     from ldm.checkpoint import CheckpointKeyError, read_metadata
-
-    from tqdm.auto import tqdm
 
     from siamese.factory import build_latent_diffusion, load_weights
     from siamese.meddiff.repair import repair, repair_items, repair_provenance, write_repairs
@@ -112,7 +111,7 @@ def _body(args: argparse.Namespace) -> int:
                      cfg_scale=cfg_scale, sampler=sampler, batch_size=args.batch_size)
     # The backgrounds contain the real images: a content record of them, the dataset's records, the generator's.
     provenance = repair_provenance(items, args.data, checkpoint_provenance(args.ckpt))
-    count = write_repairs(tqdm(results, total=len(items), unit="image", desc="repairing"), args.out, run_info,
+    count = write_repairs(progress(results, total=len(items), unit="image", desc="repairing"), args.out, run_info,
                           grid=args.grid, provenance=provenance)
     logger.info("%d healthy backgrounds in %s (grid: %s); use them with tutorial_inference.py --background %s",
                 count, args.out / "images", args.out / "grid.png", args.out)

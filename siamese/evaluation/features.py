@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ldm.progress import progress as progress_of
+
 import cv2
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from siamese.data.images import IMAGE_SUFFIXES, read_image_rgb, resize_image
 from siamese.data.layout import PROMPT_FILE, read_prompt_jsonl
@@ -141,7 +142,8 @@ class FeatureExtractor:
             raise ValueError(f"{self.spec}: no images to extract features from")
         chunks = []
         starts = range(0, len(images), batch_size)
-        for start in tqdm(starts, desc=f"features {self.spec}", unit="batch", disable=not progress, leave=False):
+        for start in progress_of(starts, desc=f"features {self.spec}", unit="batch", disable=not progress,
+                                 leave=False, lines=5):
             rgbs = [_load_rgb(image, start + i) for i, image in enumerate(images[start:start + batch_size])]
             chunks.append(self._forward(self._batch(rgbs)).double().cpu().numpy())
         feats = np.concatenate(chunks)

@@ -18,12 +18,13 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from ldm.progress import progress as progress_of
+
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from siamese.data.images import resize_image
 from siamese.data.masks import resize_mask
@@ -76,7 +77,7 @@ def train_segmenter(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: Segment
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     dice_loss = DiceLoss(sigmoid=True)
     model.train()
-    for _ in tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False):
+    for _ in progress_of(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False, lines=5):
         index = torch.randint(0, len(images), (min(cfg.batch_size, len(images)),), generator=generator)
         x, y = images[index], masks[index]
         flips = torch.rand(2, generator=generator)
