@@ -224,6 +224,11 @@ def test_real_images_are_decoded_with_the_benchmark_intensity_and_it_keys_the_re
     (stretched, _), = load_pairs([pair], "minmax")
     assert auto.max() == round(3000 * 255 / 4095) and stretched.min() == 0 and stretched.max() == 255
     assert mask.sum() == (ramp > 2000).sum()
+    from siamese.evaluation.features import ImageFile, pixel_vectors  # FID, memorisation: decoded the same way
+
+    assert np.array_equal(pixel_vectors([ImageFile(pair.image, "minmax")], size=32)[0],
+                          pixel_vectors([stretched], size=32)[0])
+    assert not np.array_equal(pixel_vectors([pair.image], size=32), pixel_vectors([stretched], size=32))
     with pytest.raises(ValueError, match="intensity"):
         BenchmarkConfig(intensity="bright")
     seg = SegmenterConfig()

@@ -127,7 +127,7 @@ def feature_extractor(args: argparse.Namespace) -> tuple[object | None, str | No
     return None, None
 
 
-def _quality(args: argparse.Namespace, out: Path, split_train: list[Path], split_test: list[Path], extractor) -> dict:
+def _quality(args: argparse.Namespace, out: Path, split_train: list, split_test: list, extractor) -> dict:
     """FID/KID per synthetic run against the real training images; diversity and memorisation of all runs together
     (memorisation searched over the real training and test images, its thresholds calibrated on them)."""
     from siamese.evaluation import quality
@@ -238,8 +238,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     logger.info("== mask fidelity")
     result["fidelity"] = _fidelity(args, cfg, out, inputs)
     logger.info("== image quality, diversity, memorisation")
-    result["quality"] = _quality(args, out, [p.image for p in inputs.split.train],
-                                 [p.image for p in inputs.split.test], extractor)
+    from siamese.evaluation.features import ImageFile  # real images decoded as the benchmark decodes them
+
+    result["quality"] = _quality(args, out, [ImageFile(p.image, cfg.intensity) for p in inputs.split.train],
+                                 [ImageFile(p.image, cfg.intensity) for p in inputs.split.test], extractor)
     result["seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(out / "report.json", result, indent=1, default=str)
     _report(args, result, out, inputs)

@@ -35,6 +35,7 @@ import numpy as np
 from siamese.data.provenance import read_provenance
 from siamese.data.split import is_split_dataset
 from siamese.evaluation.benchmark import BenchmarkConfig, load_pairs, prepare_inputs, run_benchmark, segmenter_key
+from siamese.evaluation.features import ImageFile
 from siamese.evaluation.fidelity import colour_rule, score_pairs, segmenter_rule
 from siamese.evaluation.report import arm_label
 from siamese.evaluation.segmenter import load_segmenter, save_segmenter, segmenter_trained_on, train_segmenter
@@ -142,7 +143,7 @@ def versus(entry: dict, baseline: dict) -> str:
     return "no gain"
 
 
-def _fid_kid(extractor, real_images: list[Path], folder: Path, count: int | None, progress: bool) -> dict:
+def _fid_kid(extractor, real_images: list[ImageFile], folder: Path, count: int | None, progress: bool) -> dict:
     from siamese.evaluation import quality
     from siamese.evaluation.features import equal_count, read_run_images
 
@@ -193,7 +194,7 @@ def compare_generators(real: str | Path, generators: Sequence[Generator], out: s
     baseline = downstream([real_rows])[("real", "all", 0.0)]
     model, seg_cfg = _real_segmenter(bench / "real", real_inputs, cfg, device, progress)
     segment = segmenter_rule(model, seg_cfg, device)
-    real_images = [p.image for p in real_inputs.split.train]
+    real_images = [ImageFile(p.image, cfg.intensity) for p in real_inputs.split.train]  # decoded as benchmarked
     result: dict = {"real": str(real), "split": real_inputs.split.origin,
                     "n_train": len(real_inputs.split.train), "n_test": len(real_inputs.split.test),
                     "segmenter": {**vars(cfg.segmenter), "seeds": cfg.seeds}, "ratios": list(cfg.ratios),

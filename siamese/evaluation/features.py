@@ -39,7 +39,21 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ImageLike = str | Path | np.ndarray
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file decoded with a chosen ``data.intensity`` (16-bit / float real data); a plain path is decoded
+    with ``auto``."""
+
+    path: Path
+    intensity: str = "auto"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+ImageLike = str | Path | ImageFile | np.ndarray
 
 
 DEFAULT_PIXEL_SIZE = 64
@@ -55,6 +69,8 @@ def _load_rgb(image: ImageLike, index: int) -> np.ndarray:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image #{index}: expected a uint8 RGB array H×W×3, got {image.dtype} {image.shape}")
         return image
+    if isinstance(image, ImageFile):
+        return read_image_rgb(image.path, image.intensity)
     if isinstance(image, (str, Path)):
         return read_image_rgb(image)
     raise TypeError(f"image #{index}: expected a uint8 RGB array or an image path, got {type(image).__name__}")
@@ -67,7 +83,7 @@ def _resize(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _label(image: ImageLike, index: int) -> str:
-    return str(image) if isinstance(image, (str, Path)) else f"#{index}"
+    return str(image) if isinstance(image, (str, Path, ImageFile)) else f"#{index}"
 
 
 def pixel_vectors(images: Sequence[ImageLike], size: int = DEFAULT_PIXEL_SIZE, gray: bool = False) -> np.ndarray:
