@@ -53,13 +53,23 @@ class ControlNet(nn.Module):
             return checkpoint(self.input_hint_block, hint, use_reentrant=False)
         return self.input_hint_block(hint)
 
-    def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor | None) -> list[Tensor]:
-        expected = (x.shape[-2] * HINT_DOWNSAMPLE, x.shape[-1] * HINT_DOWNSAMPLE)
-        if tuple(hint.shape[-2:]) != expected:
-            raise ValueError(f"hint is {tuple(hint.shape[-2:])} but the latent {tuple(x.shape[-2:])} needs a "
-                             f"{expected} hint ({HINT_DOWNSAMPLE}× the latent size)")
+    def forward(self, x: Tensor, hint: Tensor | None, timesteps: Tensor, context: Tensor | None,
+                hint_feature: Tensor | None = None) -> list[Tensor]:
+        """Control residuals for latent ``x``. ``hint_feature`` = ``encode_hint(hint)`` computed beforehand (then
+        ``hint`` may be None): the hint encoder depends on neither the timestep nor the prompt, so a sampler encodes
+        each hint once per sampling call instead of once per step and guidance row (``ControlLDM.sample``)."""
+        if hint_feature is None:
+            expected = (x.shape[-2] * HINT_DOWNSAMPLE, x.shape[-1] * HINT_DOWNSAMPLE)
+            if hint is None or tuple(hint.shape[-2:]) != expected:
+                got = None if hint is None else tuple(hint.shape[-2:])
+                raise ValueError(f"hint is {got} but the latent {tuple(x.shape[-2:])} needs a "
+                                 f"{expected} hint ({HINT_DOWNSAMPLE}× the latent size)")
+            hint_feature = self.encode_hint(hint)
+        elif tuple(hint_feature.shape[-2:]) != tuple(x.shape[-2:]):
+            raise ValueError(f"hint_feature is {tuple(hint_feature.shape[-2:])}, the latent {tuple(x.shape[-2:])}: "
+                             "encode_hint of a hint 8× the latent size")
         emb = self.time_embed(timestep_embedding(timesteps, self.unet_config.model_channels).to(x.dtype))
-        h = self.input_blocks[0](x, emb, context) + self.encode_hint(hint)
+        h = self.input_blocks[0](x, emb, context) + hint_feature
         outs = [self.zero_convs[0](h, emb, context)]
         for block, zero_conv in zip(self.input_blocks[1:], self.zero_convs[1:], strict=True):
             h = block(h, emb, context)

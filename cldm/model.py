@@ -64,21 +64,37 @@ class ControlLDM(LatentDiffusion):
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     # -- prediction -------------------------------------------------------------------------------------------------
-    def eps(self, z_t: Tensor, t: Tensor, context: Tensor, hint: Tensor) -> Tensor:
-        """ε prediction of the controlled UNet for a hint (the Mask-Diffusion branch when ``hint`` is a mask)."""
-        control = self.control_model(z_t, hint, t, context)
+    def eps(self, z_t: Tensor, t: Tensor, context: Tensor, hint: Tensor | None,
+            hint_feature: Tensor | None = None) -> Tensor:
+        """ε prediction of the controlled UNet for a hint (the Mask-Diffusion branch when ``hint`` is a mask);
+        ``hint_feature``: the hint already encoded (``ControlNet.encode_hint``), ``hint`` then unused."""
+        control = self.control_model(z_t, hint, t, context, hint_feature=hint_feature)
         return self.unet(z_t, t, context, control, self.control_model.control_config.only_mid_control)
 
     def denoise(self, z_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        """The sampler's denoise protocol: ``cond = {"context": …, "hint": …}``."""
+        """The sampler's denoise protocol: ``cond = {"context": …, "hint": …}``, or ``{"context": …,
+        "hint_feature": …}`` with the hint encoded once beforehand (``hint_condition``)."""
+        if "hint_feature" in cond:
+            return self.eps(z_t, t, cond["context"], None, cond["hint_feature"])
         return self.eps(z_t, t, cond["context"], cond["hint"])
+
+    @torch.no_grad()
+    def hint_condition(self, hint: Tensor, encode_once: bool = True) -> dict[str, Tensor]:
+        """The hint part of a sampling condition: ``{"hint_feature": encode_hint(hint)}``, encoded here once for
+        the whole sampling call (the hint encoder depends on neither t nor the prompt, so every step and guidance
+        row reuses it), or ``{"hint": hint}`` with ``encode_once=False`` (encoded again at every call, the
+        released behaviour; ``bench/vs_original_sampling.py`` compares both)."""
+        if not encode_once:
+            return {"hint": hint}
+        return {"hint_feature": self.control_model.encode_hint(hint)}
 
     @torch.no_grad()
     def sample(self, hint: Tensor, prompts: Sequence[str], *, steps: int = 50, cfg_scale: float = 9.0,
                eta: float = 0.0, generator: Generators = None, x_T: Tensor | None = None,
                batched_cfg: bool = True, progress: bool = False, context: Tensor | None = None,
                uncond_context: Tensor | None = None, sampler: str = "ddim", cfg_mask: float | None = None,
-               background: Tensor | None = None, region: str | RegionSpec = DEFAULT_REGION) -> Tensor:
+               background: Tensor | None = None, region: str | RegionSpec = DEFAULT_REGION,
+               encode_hint_once: bool = True, decode: bool = True) -> Tensor:
         """Mask-conditioned sampling (``sampler``: ddim, dpmpp_2m or unipc) → images in [-1, 1]
         (``LatentDiffusion.sample`` with a hint first).
 
@@ -92,16 +108,22 @@ class ControlLDM(LatentDiffusion):
         inside the mask and keep the background outside it (MedDiff-FT eq. 2, ``ldm.sampler.background_denoiser``);
         the background is encoded with the posterior mean, and ``region`` chooses the latent cells generated
         (``ldm.regions``; default ``max-pool``: a cell any of whose image pixels lies in the mask).
+        The hint encoder runs once per call (``hint_condition``; ``encode_hint_once=False``: at every step, as the
+        released code; the same result up to float rounding). ``decode=False`` returns the final latents.
         """
         hint = hint.to(self.betas.device, self.unet.dtype)  # the networks' dtype (bf16 when DeepSpeed cast them)
         b, _, h, w = hint.shape
-        cond = {"context": self.encode_prompts(prompts) if context is None else context, "hint": hint}
+        if h % HINT_DOWNSAMPLE or w % HINT_DOWNSAMPLE:
+            raise ValueError(f"hint is {(h, w)}: its size must be a multiple of {HINT_DOWNSAMPLE} (the latent's)")
+        hinted = self.hint_condition(hint, encode_hint_once)
+        cond = {"context": self.encode_prompts(prompts) if context is None else context, **hinted}
         uncond = uncond_all = None
         if cfg_scale != 1.0 or cfg_mask is not None:
             uncond = {"context": self.encode_prompts([""] * b) if uncond_context is None else uncond_context,
-                      "hint": hint}
+                      **hinted}
         if cfg_mask is not None:
-            uncond_all = {"context": uncond["context"], "hint": torch.zeros_like(hint)}
+            uncond_all = {"context": uncond["context"], **self.hint_condition(torch.zeros_like(hint),
+                                                                               encode_hint_once)}
         shape = (b, self.unet.config.in_channels, h // HINT_DOWNSAMPLE, w // HINT_DOWNSAMPLE)
         keep = None
         if background is not None:
@@ -112,5 +134,5 @@ class ControlLDM(LatentDiffusion):
         z = self.sample_latents(cond, uncond, shape, steps=steps, cfg_scale=cfg_scale, eta=eta, generator=generator,
                                 x_T=x_T, batched_cfg=batched_cfg, progress=progress, sampler=sampler,
                                 uncond_all=uncond_all, scale_all=cfg_mask, background=keep)
-        return self.decode_latents(z)
+        return self.decode_latents(z) if decode else z
 

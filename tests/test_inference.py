@@ -164,9 +164,11 @@ def test_cfg_mask_none_keeps_the_old_outputs_and_cfg_mask_is_the_dual_formula(en
     def generator() -> torch.Generator:
         return torch.Generator().manual_seed(item.seed)
 
-    # The protocol before cfg_mask existed, written out: CFG on the text (same hint) + DDIM + decode.
-    old = cfg_denoiser(model.denoise, {"context": empty, "hint": hint}, 9.0)
-    z = ddim_sample(old, (1, 4, 8, 8), {"context": context, "hint": hint}, model.schedule, steps=3,
+    # The protocol before cfg_mask existed, written out: CFG on the text (same hint) + DDIM + decode, the hint
+    # encoded once as ControlLDM.sample does (per step instead: tests/test_hint_cache.py).
+    encoded = model.hint_condition(hint)
+    old = cfg_denoiser(model.denoise, {"context": empty, **encoded}, 9.0)
+    z = ddim_sample(old, (1, 4, 8, 8), {"context": context, **encoded}, model.schedule, steps=3,
                     generator=generator())
     for kwargs in ({}, {"cfg_mask": None, "sampler": "ddim"}):
         got = model.sample(hint, prompts, steps=3, cfg_scale=9.0, generator=generator(), **kwargs)
